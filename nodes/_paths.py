@@ -1,0 +1,46 @@
+"""Model folders the pack uses (DESIGN.md section 2).
+
+ComfyUI already knows ``loras``, ``checkpoints``, ``upscale_models`` and ``vae_approx``; the pack adds
+its own folders under ``models/``. A folder a user configured (extra_model_paths.yaml is applied before
+packs load) is kept: we only append our default path, never replace the entry.
+"""
+import os
+
+PACK_FOLDERS = {
+    "open_clip": {".safetensors", ".bin", ".pt", ".pth"},
+    "prompt_expansion": set(),  # Hugging Face model directories
+    "atelier_knowledge": {".sqlite", ".db", ".jsonl"},
+    "atelier_style_db": set(),  # style database directories
+}
+
+
+def register_model_folders():
+    """Register the pack's folders with ComfyUI; a no-op when ComfyUI is not importable."""
+    try:
+        import folder_paths
+    except ImportError:
+        return False
+    for name, exts in PACK_FOLDERS.items():
+        default = os.path.join(folder_paths.models_dir, name)
+        existing = folder_paths.folder_names_and_paths.get(name)
+        if existing is None:
+            folder_paths.folder_names_and_paths[name] = ([default], set(exts))
+        else:
+            paths, known = existing
+            if default not in paths:
+                paths.append(default)
+            if isinstance(known, set) and known and exts:
+                known.update(exts)
+            elif isinstance(known, set) and known and not exts:
+                known.clear()  # directories: accept every name
+    return True
+
+
+def model_folder(name):
+    """The first configured path of a model folder (created if missing), for error messages and writes."""
+    import folder_paths
+
+    paths = folder_paths.get_folder_paths(name)
+    if not paths:
+        raise RuntimeError(f"Atelier: ComfyUI has no '{name}' model folder registered")
+    return paths[0]

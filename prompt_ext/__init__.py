@@ -1,0 +1,1 @@
+"""Knowledge-grounded prompt extension (pure python/torch, no ComfyUI imports)."""

@@ -1,0 +1,1 @@
+"""Sampling maths in the k-diffusion convention (pure torch, no ComfyUI imports)."""

@@ -1,0 +1,1 @@
+"""Tiled super-resolution for spandrel image models (pure torch, no ComfyUI imports)."""

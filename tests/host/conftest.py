@@ -52,7 +52,7 @@ def pytest_report_header(config):
 
 
 # the pytest.skip line below (0-based, as pytest stores it), for the folded report
-_SKIP_LINE = next(i for i, line in enumerate(open(__file__, encoding="utf-8")) if line.strip() == "pytest.skip(SKIP_REASON)")
+_SKIP_LINE = next(i for i, line in enumerate(open(__file__, encoding="utf-8"), start=1) if line.strip() == "pytest.skip(SKIP_REASON)")
 
 
 @pytest.fixture(autouse=True)

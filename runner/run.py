@@ -295,7 +295,20 @@ def missing_requirements(python, requirements=PACK_ROOT / "requirements.txt"):
 
 
 def ensure_requirements(python, requirements=PACK_ROOT / "requirements.txt", out=None):
-    missing = missing_requirements(python, requirements)
+    """pip-install the requirement lines missing from ``python``; one installer at a time per machine."""
+    import hashlib
+
+    from .tiny import cache_dir, locked
+
+    if not missing_requirements(python, requirements):
+        return []
+    lock = cache_dir() / f"pip-{hashlib.sha256(str(python).encode()).hexdigest()[:12]}.lock"
+    with locked(lock):
+        return _install_missing(python, requirements, out)
+
+
+def _install_missing(python, requirements, out):
+    missing = missing_requirements(python, requirements)  # again: another run may have installed them
     if not missing:
         return []
     print(f"== installing the pack's requirements into ComfyUI's Python ({python}): {', '.join(missing)}",

@@ -270,3 +270,17 @@ def test_parse_override_values_are_json_or_text():
     assert parse_override("Positive prompt.text=a red fox") == ("Positive prompt", "text", "a red fox")
     assert parse_override('KSampler.cfg=7.5') == ("KSampler", "cfg", 7.5)
     assert json.dumps(parse_override("9.flag=true")[2]) == "true"
+
+
+def test_comfyui_found_from_the_custom_nodes_folder_the_pack_is_linked_into(tmp_path):
+    import subprocess
+
+    root = fake_comfyui(tmp_path, "")
+    (root / "custom_nodes").mkdir()
+    (root / "custom_nodes" / "atelier").symlink_to(server.PACK_ROOT, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    env["PYTHONPATH"] = str(root / "custom_nodes" / "atelier")
+    out = subprocess.run([sys.executable, "-c", "from runner.server import find_comfyui; print(find_comfyui())"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(root.resolve())

@@ -129,6 +129,8 @@ def _safe_read(path, size):
     try:
         return read_image(path, size), None
     except Exception as e:  # unreadable / not an image / truncated: skipped and listed
+        if type(e).__name__ == "UnidentifiedImageError":
+            return None, "not a readable image (unknown or damaged format)"
         return None, f"{type(e).__name__}: {e}"[:300]
 
 

@@ -77,6 +77,7 @@ def load_metadata_table(path):
     """CSV or JSONL rows keyed by their file column (path/file/filename/image); values override parsed ones."""
     if not path:
         return {}
+    path = str(path)
     if not os.path.isfile(path):
         raise StyleDBError(f"metadata file not found: '{path}'")
     if path.lower().endswith((".jsonl", ".json")):
@@ -184,7 +185,7 @@ def _embed_files(root, rels, embedder, batch_size, workers, progress, table, don
     size = embedder.image_size
     embs, rows, skipped = [], [], []
     batch, batch_rows = [], []
-    done = done_before
+    done = reported = done_before
 
     def flush():
         nonlocal batch, batch_rows
@@ -209,9 +210,10 @@ def _embed_files(root, rels, embedder, batch_size, workers, progress, table, don
                 if len(batch) >= batch_size:
                     flush()
                     if progress:
+                        reported = done
                         progress(done, total)
         flush()
-        if progress:
+        if progress and reported != done:
             progress(done, total)
     emb = np.concatenate(embs) if embs else np.zeros((0, embedder.dim), np.float32)
     return emb, rows, skipped
@@ -269,6 +271,7 @@ def build_db(source, out, embedder, metadata_file=None, batch_size=64, workers=N
     """
     source = os.path.abspath(source)
     out = os.path.abspath(out)
+    metadata_file = str(metadata_file) if metadata_file else None
     shard_i, shard_n = parse_shard(shard)
     batch_size = max(1, int(batch_size))
     chunk_size = max(batch_size, int(chunk_size) // batch_size * batch_size)

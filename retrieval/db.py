@@ -247,7 +247,12 @@ class StyleDB:
     def _search_faiss(self, q, k, mask):
         import faiss
 
-        params = faiss.SearchParametersIVF(nprobe=int(self.manifest["index"].get("nprobe", 16)))
+        info = self.manifest["index"]
+        nprobe = int(info.get("nprobe", 16))
+        if mask is not None:
+            # a filter leaves fewer candidates per list: probe proportionally more lists to keep recall
+            nprobe = min(int(info.get("nlist", nprobe)), math.ceil(nprobe * self.count / max(1, int(mask.sum()))))
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
         if mask is not None:
             sel = faiss.IDSelectorBatch(np.flatnonzero(mask).astype(np.int64))
             params.sel = sel

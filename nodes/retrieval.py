@@ -2,6 +2,7 @@
 
 Thin adapters over the pure ``retrieval`` package; ComfyUI modules are imported inside functions.
 """
+import json
 import os
 
 from ..retrieval.embedder import WEIGHT_SUFFIXES
@@ -14,7 +15,8 @@ WEIGHTS_HELP = (
     "open_clip's 'ViT-L-14/openai' release), 'ViT-B-32-openai.safetensors' (ViT-B-32, the paper's ImageNet-RDM "
     "embedder) or 'ViT-H-14-laion2b_s32b_b79k.safetensors' (ViT-H-14, the embedder of SD 2.1 unCLIP-H; "
     "laion/CLIP-ViT-H-14-laion2B-s32B-b79K, file open_clip_model.safetensors). .safetensors preferred; "
-    ".bin/.pt/.pth load with weights_only."
+    ".bin/.pt/.pth load with weights_only. Other architectures: put open_clip's config '<Arch-Name>.json' in the "
+    "same folder."
 )
 
 
@@ -27,7 +29,41 @@ def _open_clip_files():
         return []
 
 
+_REGISTERED_CONFIGS = set()
+
+
+def _register_folder_configs():
+    """Register open_clip architecture configs (*.json) found in the open_clip model folders.
+
+    Lets users (and the tests' tiny models) use architectures open_clip does not ship, e.g. a fine-tune with
+    a changed config: put ``<Arch-Name>.json`` (open_clip's model-config format) next to the weights.
+    """
+    try:
+        import folder_paths
+        import open_clip
+
+        folders = folder_paths.get_folder_paths("open_clip")
+    except Exception:
+        return
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if not name.endswith(".json") or path in _REGISTERED_CONFIGS:
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(cfg, dict) and {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+                open_clip.add_model_config(path)
+                _REGISTERED_CONFIGS.add(path)
+
+
 def _architectures():
+    _register_folder_configs()
     try:
         from ..retrieval.embedder import offline_architectures
 
@@ -83,6 +119,7 @@ class AtelierOpenCLIPLoader:
             folders = folder_paths.get_folder_paths("open_clip")
             raise FileNotFoundError(f"Atelier open_clip Loader: weights file {weights!r} not found in "
                                     f"{folders}. {WEIGHTS_HELP}")
+        _register_folder_configs()
         if architecture == "auto from file name":
             guess = _guess_architecture(weights, _architectures())
             if guess is None:
@@ -112,33 +149,27 @@ def _db_root():
 
 
 def _db_names():
-    """Directories holding a manifest.json under the atelier_style_db folders (relative names)."""
+    """'<db>/manifest.json' entries of the atelier_style_db folders (ComfyUI's own cached file listing)."""
     try:
         import folder_paths
 
-        roots = folder_paths.get_folder_paths("atelier_style_db")
+        names = folder_paths.get_filename_list("atelier_style_db")
     except Exception:
         return []
-    names = set()
-    for root in roots:
-        if not os.path.isdir(root):
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.endswith(".partial")]
-            if "manifest.json" in filenames:
-                names.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
-                dirnames[:] = []
-    return sorted(names)
+    return sorted(n.replace(os.sep, "/") for n in names
+                  if os.path.basename(n) == "manifest.json" and ".partial" not in n and ".tmp-" not in n)
 
 
 def _find_db(name):
+    """Directory of a database given as '<db>/manifest.json' or '<db>'."""
     import folder_paths
 
+    rel = name[:-len("manifest.json")].rstrip("/\\") if name.endswith("manifest.json") else name
     for root in folder_paths.get_folder_paths("atelier_style_db"):
-        path = os.path.join(root, name)
+        path = os.path.join(root, rel)
         if os.path.isfile(os.path.join(path, "manifest.json")):
             return path
-    raise FileNotFoundError(f"style database {name!r} not found in {folder_paths.get_folder_paths('atelier_style_db')}"
+    raise FileNotFoundError(f"style database {rel!r} not found in {folder_paths.get_folder_paths('atelier_style_db')}"
                             "; build one with 'Style DB Build (Atelier)' or `python -m retrieval build`")
 
 
@@ -233,7 +264,7 @@ class AtelierStyleDBLoad:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "db_name": (_db_names(), {"tooltip": "A style database directory in models/atelier_style_db (built with Style DB Build or `python -m retrieval build`)."}),
+                "db_name": (_db_names(), {"tooltip": "A style database in models/atelier_style_db, shown as <database>/manifest.json (built with Style DB Build or `python -m retrieval build`)."}),
             }
         }
 

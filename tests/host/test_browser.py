@@ -79,10 +79,11 @@ def graph_nodes(page):
     )
 
 
-def shrink_widgets(page):
-    """What a user on a CPU would do: a small latent and few steps (same as the headless host test)."""
+def shrink_widgets(page, overrides):
+    """What a user on a CPU would do: a small latent and few steps (same as the headless host test),
+    plus the per-workflow widget values the host preparers ask for ("<node id or type>.<input>": value)."""
     page.evaluate(
-        """([small, maxSteps]) => {
+        """([small, maxSteps, overrides]) => {
              for (const n of app.graph.nodes) {
                for (const w of (n.widgets || [])) {
                  if (n.type === 'EmptyLatentImage' && ['width', 'height'].includes(w.name)) w.value = small;
@@ -90,9 +91,17 @@ def shrink_widgets(page):
                  if (n.type.startsWith('KSampler') && w.name === 'steps') w.value = Math.min(w.value, maxSteps);
                }
              }
+             for (const [key, value] of Object.entries(overrides)) {
+               const dot = key.lastIndexOf('.');
+               const target = key.slice(0, dot), input = key.slice(dot + 1);
+               for (const n of app.graph.nodes) {
+                 if (String(n.id) !== target && n.type !== target) continue;
+                 for (const w of (n.widgets || [])) if (w.name === input) w.value = value;
+               }
+             }
              app.graph.setDirtyCanvas(true, true);
            }""",
-        [SMALL, MAX_STEPS],
+        [SMALL, MAX_STEPS, overrides],
     )
 
 
@@ -127,7 +136,7 @@ def test_workflow_in_real_frontend(comfy_server, browser, workflow):
         red = [(i, t) for i, t, _, bad, _ in nodes if bad]
         assert not red, f"{workflow.name}: nodes marked with errors after loading: {red}"
 
-        shrink_widgets(page)
+        shrink_widgets(page, getattr(comfy_server, "workflow_overrides", {}).get(workflow.name, {}))
         known = set(comfy_server.get_json("/history"))
         page.get_by_role("button", name="Run").first.click()
         prompt_id, entry = wait_for_new_job(comfy_server, known, timeout=900)

@@ -284,3 +284,28 @@ def test_comfyui_found_from_the_custom_nodes_folder_the_pack_is_linked_into(tmp_
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(root.resolve())
+
+
+def test_missing_pack_nodes_in_object_info_stop_the_start(tmp_path):
+    root = fake_comfyui(tmp_path, FAKE_HTTP_MAIN.format(mode="ok"))
+    srv = make_server(root, expected_nodes=["AtelierDemo", "AtelierOther"])
+    with pytest.raises(PackImportFailed, match="lacks these Atelier nodes: AtelierOther"):
+        srv.start()
+    assert not srv.running
+    with make_server(root, expected_nodes=["AtelierDemo"]) as ok:
+        assert ok.running
+
+
+def test_declared_pack_nodes_reads_mapping_literals(tmp_path):
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    (nodes / "a.py").write_text("class A: pass\nNODE_CLASS_MAPPINGS = {'AtelierA': A, 'AtelierB': A}\n")
+    (nodes / "b.py").write_text("NODE_CLASS_MAPPINGS: dict = {\"AtelierC\": object}\n")
+    (nodes / "_private.py").write_text("NODE_CLASS_MAPPINGS = {'Hidden': 1}\n")
+    (nodes / "broken.py").write_text("def (:\n")
+    assert server.declared_pack_nodes(tmp_path) == ["AtelierA", "AtelierB", "AtelierC"]
+
+
+def test_declared_pack_nodes_agree_with_the_imported_pack(pack):
+    """Every id the runner expects is really registered (a mapping built in code is just not expected)."""
+    assert set(server.declared_pack_nodes(server.PACK_ROOT)) <= set(pack.NODE_CLASS_MAPPINGS)

@@ -67,6 +67,7 @@ def pid_alive(pid):
 
 def make_server(root, **kwargs):
     kwargs.setdefault("startup_timeout", 60)
+    kwargs.setdefault("expected_nodes", ["AtelierDemo"])  # what the fake server lists
     return ComfyServer(root, python=sys.executable, cpu=True, **kwargs)
 
 

@@ -9,6 +9,7 @@ import ast
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import socket
@@ -264,7 +265,7 @@ class ComfyServer:
             self.port = self.requested_port
         else:
             self.port = free_port()
-        cmd = self.command()
+        cmd = self._cmd = self.command()
         self._log_file = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)  # the test venv's path must not leak into ComfyUI's Python
@@ -289,7 +290,7 @@ class ComfyServer:
                     raise PortInUse(f"ComfyUI could not listen on port {self.port}: it is already in use.\n"
                                     f"--- ComfyUI log (last lines) ---\n{tail}")
                 raise ServerStartError(
-                    f"ComfyUI exited with code {code} while starting ({' '.join(self.command_for_display())}).\n"
+                    f"ComfyUI exited with code {code} while starting.\n  command: {self.command_for_display()}\n  in: {self.comfyui_path}\n"
                     f"--- ComfyUI log (last lines) ---\n{tail}"
                 )
             if READY_MARKER in self.log_text():
@@ -310,7 +311,7 @@ class ComfyServer:
             time.sleep(0.25)
 
     def command_for_display(self):
-        return [str(self.python), "main.py", "..."]
+        return shlex.join(getattr(self, "_cmd", None) or [str(self.python), "main.py"])
 
     def import_failures(self):
         """Log lines saying that our pack failed to import (ComfyUI's exit code never says so)."""

@@ -333,7 +333,7 @@ def build_parser():
     ap.add_argument("--tiny", action="store_true",
                     help="replace every checkpoint by a tiny random-weight model (plumbing check: images are noise)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.input=VALUE",
-                    help="override an input (NODE: node id or title; VALUE: JSON or text); repeatable")
+                    help="override an input (NODE: node id, title or class; VALUE: JSON or text); repeatable")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the workflow (default 1800)")
     ap.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for ComfyUI to start")
     ap.add_argument("--output-dir", default=str(PACK_ROOT / "output"),
@@ -364,6 +364,10 @@ def main(argv=None, out=None, err=None):
                          input_dir=comfy / "input", cpu=args.cpu, startup_timeout=args.startup_timeout,
                          keep_base_dir=args.keep_temp) as server:
             print(f"== ComfyUI {server.url} (log: {server.log_path})", file=err, flush=True)
+            if args.tiny and "--cpu" in server._cmd:
+                print("   (on a CPU even the tiny model is slow at 512x512: for a quick check add e.g. "
+                      "--set EmptyLatentImage.width=128 --set EmptyLatentImage.height=128 --set KSampler.steps=4)",
+                      file=err, flush=True)
             info = server.object_info()
             if convert.is_api_format(workflow):
                 prompt, ui = workflow, None

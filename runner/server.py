@@ -172,6 +172,7 @@ def user_models_yaml(comfy_path, dest):
     for child in sorted(models.iterdir()) if models.is_dir() else []:
         if child.is_dir() and child.name not in USER_MODEL_FOLDERS and not child.name.startswith("."):
             lines.append(f"  {child.name}: {json.dumps(child.name)}")
+    pathlib.Path(dest).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(dest).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return pathlib.Path(dest)
 
@@ -197,7 +198,7 @@ class ComfyServer:
         self.requested_port = port
         self.port = None
         self.user_models = user_models
-        self.extra_model_paths = [pathlib.Path(p) for p in extra_model_paths]
+        self.extra_model_paths = [pathlib.Path(p).resolve() for p in extra_model_paths]
         self.output_dir = pathlib.Path(output_dir).resolve() if output_dir else None
         self.input_dir = pathlib.Path(input_dir).resolve() if input_dir else None
         self.cpu = cpu

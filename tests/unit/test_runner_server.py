@@ -416,3 +416,20 @@ def test_cli_print_api(tmp_path):
 def test_cli_bad_override_is_a_setup_error(tmp_path):
     code, _, err = cli(tmp_path, "ok", "--set", "1.nope=3")
     assert code == 2 and "node 1 (Save) has no input 'nope'" in err
+
+
+def test_command_passes_model_paths_and_folders(tmp_path, monkeypatch):
+    root = fake_comfyui(tmp_path, "")
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    srv = make_server(root, base_dir=tmp_path / "base", user_models=True, extra_model_paths=["mine.yaml"],
+                      output_dir="out", input_dir=root / "input")
+    srv.port = 1234
+    cmd = srv.command()
+    yamls = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--extra-model-paths-config"]
+    assert yamls == [str(tmp_path / "mine.yaml"), str(tmp_path / "base" / "user_models.yaml")]
+    assert "checkpoints: checkpoints" in (tmp_path / "base" / "user_models.yaml").read_text()
+    assert cmd[cmd.index("--output-directory") + 1] == str(tmp_path / "out")
+    assert cmd[cmd.index("--input-directory") + 1] == str(root / "input")
+    assert cmd[cmd.index("--base-directory") + 1] == str(tmp_path / "base")
+    assert cmd[cmd.index("--database-url") + 1] == "sqlite:///" + str(tmp_path / "base" / "user" / "comfyui.db")

@@ -120,9 +120,9 @@ def sample_plms(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         denoised, eps = _eps(model, x, sigma, s_in, extra_args, i, steps)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        if sigma_next == 0:
+        if sigma_next == 0:  # only ever the last step: sigmas are strictly descending
             x = denoised
-            break
+            continue
         if not history and first_step == "pseudo_improved_euler":
             x_pred = torch.add(x, eps, alpha=sigma_next - sigma)
             _, eps_next = _eps(model, x_pred, sigma_next, s_in, extra_args, i, steps)

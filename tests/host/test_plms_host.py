@@ -37,13 +37,17 @@ asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False
 R = {"loaded": asyncio.run(nodes.load_custom_node(pack_dir))}
 # a second copy of the pack (another folder name) must not add the name twice
 R["loaded_again"] = asyncio.run(nodes.load_custom_node(pack_dir + "_again"))
+def combo_options(node):
+    spec = nodes.NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["required"]["sampler_name"]
+    return spec[0] if isinstance(spec[0], list) else spec[1]["options"]  # V1 list, or V3 ("COMBO", {options})
+
 R["counts"] = {
     "KSAMPLER_NAMES": comfy.samplers.KSAMPLER_NAMES.count("plms"),
     "SAMPLER_NAMES": comfy.samplers.SAMPLER_NAMES.count("plms"),
     "KSampler.SAMPLERS": comfy.samplers.KSampler.SAMPLERS.count("plms"),
-    "KSampler node": nodes.NODE_CLASS_MAPPINGS["KSampler"].INPUT_TYPES()["required"]["sampler_name"][0].count("plms"),
-    "KSamplerAdvanced node": nodes.NODE_CLASS_MAPPINGS["KSamplerAdvanced"].INPUT_TYPES()["required"]["sampler_name"][0].count("plms"),
-    "KSamplerSelect node": nodes.NODE_CLASS_MAPPINGS["KSamplerSelect"].INPUT_TYPES()["required"]["sampler_name"][0].count("plms"),
+    "KSampler node": combo_options("KSampler").count("plms"),
+    "KSamplerAdvanced node": combo_options("KSamplerAdvanced").count("plms"),
+    "KSamplerSelect node": combo_options("KSamplerSelect").count("plms"),
 }
 R["ipndm_first"] = comfy.samplers.KSAMPLER_NAMES.index("ipndm") < comfy.samplers.KSAMPLER_NAMES.index("plms")
 R["sample_plms_module"] = kds.sample_plms.__module__
@@ -51,6 +55,11 @@ plms_node = sys.modules[kds.sample_plms.__module__]
 PLMSNode = nodes.NODE_CLASS_MAPPINGS["AtelierPLMSSampler"]
 
 model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=False, output_clip=True)
+# a freshly initialised UNet has a zero output conv (ε = 0, D = x): every sampler would agree trivially
+with torch.no_grad():
+    out_conv = model.model.diffusion_model.out[-1]
+    out_conv.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(11))
+    out_conv.bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(12))
 pos = nodes.CLIPTextEncode().encode(clip, "a painting of a lighthouse")[0]
 neg = nodes.CLIPTextEncode().encode(clip, "")[0]
 calls = []
@@ -70,8 +79,9 @@ def ksampler(name, steps, denoise=1.0, model=m, lat=None):
                                     {"samples": torch.zeros(1, 4, 8, 8) if lat is None else lat}, denoise=denoise)[0]
     return out["samples"], len(calls)
 
+print("sampling checks", flush=True)
 R["ksampler_calls"] = {}
-for name, steps in [("plms", 1), ("plms", 2), ("plms", 4), ("plms", 5), ("ipndm", 4), ("euler", 4)]:
+for name, steps in [("plms", 1), ("plms", 2), ("plms", 5), ("ipndm", 5)]:
     s, n = ksampler(name, steps)
     R["ksampler_calls"][f"{name}-{steps}"] = [n, bool(torch.isfinite(s).all())]
 s, n = ksampler("plms", 4, denoise=0.5)  # sigmas are the tail of an 8-step schedule
@@ -91,22 +101,20 @@ def custom(sampler, sigmas, mdl=m, mask=None, callback=None, lat=None, grad=Fals
     return out, len(calls)
 
 sampler = PLMSNode().get_sampler(order=4, first_step="pseudo_improved_euler", eta=0.0)[0]
-_, R["custom_calls_5"] = custom(sampler, sigmas_for(5))
-_, R["custom_calls_eta"] = custom(PLMSNode().get_sampler(order=4, first_step="pseudo_improved_euler", eta=1.0)[0], sigmas_for(5))
-a, _ = custom(PLMSNode().get_sampler(order=2, first_step="pseudo_improved_euler", eta=0.5)[0], sigmas_for(5))
+x_pie, R["custom_calls_5"] = custom(sampler, sigmas_for(5))
+a, R["custom_calls_eta"] = custom(PLMSNode().get_sampler(order=2, first_step="pseudo_improved_euler", eta=0.5)[0], sigmas_for(5))
 b, _ = custom(PLMSNode().get_sampler(order=2, first_step="pseudo_improved_euler", eta=0.5)[0], sigmas_for(5))
 R["eta_seeded_repeatable"] = bool(torch.equal(a, b))
+R["eta_changes_result"] = float((a - x_pie).abs().max())
 
 # the real ipndm vs PLMS with an Euler first step: the same method
 R["ipndm_diff"] = {}
-for steps in (1, 2, 3, 5, 10):
-    for order in (2, 4):
-        x_ip, _ = custom(comfy.samplers.ksampler("ipndm", {"max_order": order}), sigmas_for(steps))
-        x_pl, _ = custom(comfy.samplers.KSAMPLER(plms_node.comfy_sample_plms, {"order": order, "first_step": "euler"}), sigmas_for(steps))
-        R["ipndm_diff"][f"{steps}-{order}"] = [float((x_ip - x_pl).abs().max()), float(x_ip.abs().max())]
-x_ip, _ = custom(comfy.samplers.ksampler("ipndm"), sigmas_for(5))
-x_pl, _ = custom(sampler, sigmas_for(5))
-R["pie_vs_ipndm_diff"] = float((x_ip - x_pl).abs().max())
+for steps, order in [(1, 4), (2, 4), (5, 4), (5, 2)]:
+    x_ip, _ = custom(comfy.samplers.ksampler("ipndm", {"max_order": order}), sigmas_for(steps))
+    x_pl, _ = custom(comfy.samplers.KSAMPLER(plms_node.comfy_sample_plms, {"order": order, "first_step": "euler"}), sigmas_for(steps))
+    R["ipndm_diff"][f"{steps}-{order}"] = [float((x_ip - x_pl).abs().max()), float(x_ip.abs().max())]
+    if (steps, order) == (5, 4):
+        R["pie_vs_ipndm_diff"] = float((x_ip - x_pie).abs().max())
 
 # inpainting: KSamplerX0Inpaint wraps the model, so every denoised PLMS sees is pinned outside the mask
 image = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -115,7 +123,8 @@ mask[..., 4:] = 1.0
 seen = []
 out, _ = custom(sampler, sigmas_for(5), mask=mask, lat=image, callback=lambda i, x0, x, total: seen.append(x0.clone()))
 R["mask_steps"] = len(seen)
-R["mask_keep_err"] = max(float((x0[..., :4] - image[..., :4]).abs().max()) for x0 in seen)
+kept = m.model.process_latent_in(image)[..., :4]  # denoised lives in the model's latent scale
+R["mask_keep_err"] = max(float((x0[..., :4] - kept).abs().max()) for x0 in seen)
 R["mask_out_keep_err"] = float((out[..., :4] - image[..., :4]).abs().max())
 R["mask_out_changed"] = float((out[..., 4:] - image[..., 4:]).abs().max())
 
@@ -132,7 +141,7 @@ def hook(value, total, preview_image=None, prompt_id=None, node_id=None):
     mm.throw_exception_if_processing_interrupted()
 comfy.utils.set_progress_bar_global_hook(hook)
 try:
-    ksampler("plms", 8)
+    ksampler("plms", 5)
     R["interrupt"] = "not raised"
 except mm.InterruptProcessingException:
     R["interrupt"] = len(calls)
@@ -175,7 +184,8 @@ def server(request):
 @pytest.fixture(scope="module")
 def inprocess(server, tmp_path_factory):
     comfy = comfyui_path()
-    ckpts = sorted((server.base_dir / "models" / "checkpoints").glob("*.safetensors"))
+    ckpts = [pathlib.Path(server.tiny_checkpoint)] if getattr(server, "tiny_checkpoint", None) else sorted(
+        (server.base_dir / "models" / "checkpoints").glob("*.safetensors"))
     assert ckpts, "the host fixture put no checkpoint in models/checkpoints"
     tmp = tmp_path_factory.mktemp("plms_inprocess")
     for name in ("atelier", "atelier_again"):
@@ -202,7 +212,7 @@ def test_stock_ksampler_runs_plms_with_steps_plus_one_calls(inprocess):
     # plms N steps: N + 1 calls (one step straight to σ = 0 needs no extra call); ipndm/euler: N calls.
     # An unknown name would silently fall back to euler, which this count tells apart.
     assert {k: n for k, (n, _) in calls.items()} == {
-        "plms-1": 1, "plms-2": 3, "plms-4": 5, "plms-5": 6, "ipndm-4": 4, "euler-4": 4}
+        "plms-1": 1, "plms-2": 3, "plms-5": 6, "ipndm-5": 5}
     assert inprocess["denoise_half_calls"] == 5
     assert inprocess["vpred"] == [5, True]
 
@@ -210,7 +220,7 @@ def test_stock_ksampler_runs_plms_with_steps_plus_one_calls(inprocess):
 def test_plms_node_sampler_runs_in_sample_custom(inprocess):
     assert inprocess["custom_calls_5"] == 6
     assert inprocess["custom_calls_eta"] == 6
-    assert inprocess["eta_seeded_repeatable"]
+    assert inprocess["eta_seeded_repeatable"] and inprocess["eta_changes_result"] > 1e-3
 
 
 def test_euler_start_equals_real_ipndm(inprocess):
@@ -277,10 +287,4 @@ def test_sampler_custom_advanced_with_atelier_plms(server):
             "noise": ["12", 0], "guider": ["13", 0], "sampler": ["10", 0], "sigmas": ["11", 0], "latent_image": ["4", 0]}},
     })
     result = server.run_api(graph, timeout=600)
-    assert result.files
-
-
-def test_example_workflow_runs(server):
-    wf = ROOT / "workflows" / "plms_seed000.json"
-    result = server.run_workflow(wf, overrides=None, timeout=900)
     assert result.files

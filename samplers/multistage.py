@@ -136,7 +136,7 @@ def check_stage_steps(counts: Sequence, total: int, scale: bool = False) -> list
 
 
 def invert_percent(percent_to_sigma: Callable[[float], float], low: float, high: float, target: float,
-                   iterations: int = 100) -> Optional[float]:
+                   iterations: int = 64) -> Optional[float]:
     """A percent p with low < percent_to_sigma(p) < high (strict, also after float32 rounding).
 
     Bisection towards ``target`` on the decreasing map p -> σ; among the points visited, the one
@@ -147,7 +147,7 @@ def invert_percent(percent_to_sigma: Callable[[float], float], low: float, high:
     log_t = math.log(target) if target > 0 else -math.inf
     for _ in range(iterations):
         mid = 0.5 * (lo_p + hi_p)
-        if mid <= lo_p or mid >= hi_p:
+        if hi_p - lo_p < 1e-12:
             break
         v = float(percent_to_sigma(mid))
         vf = _f32(v)

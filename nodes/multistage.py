@@ -159,26 +159,31 @@ def _result(cond, table):
     return {"ui": {"text": [table]}, "result": (cond, table)}
 
 
-_OUTPUT_TOOLTIPS = ("Positive conditioning: every stage with its exact step range. Connect to the sampler's "
-                    "positive input; the negative stays as it is.",
-                    "The step table (stage -> steps, sigmas, percents; step -> stage).")
+_MODEL_INPUT = ("MODEL", {"tooltip": "The model you sample with: its sigma mapping places the boundaries."})
 
 
-class AtelierMultistageConditioning:
-    DESCRIPTION = ("Multistage prompts (seed 003): one stage per line, `8: A Chinese dragon` then `12: A fish`. "
-                   "Each prompt is the only positive conditioning on exactly its steps, for any scheduler and "
-                   "sampler, because the boundaries are placed on the sampler's real sigma schedule.")
+class _PlanNode:
+    """What the three planning nodes share: category, outputs, and the UI text."""
+
     CATEGORY = "atelier/conditioning"
     FUNCTION = "apply"
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("positive", "step_table")
-    OUTPUT_TOOLTIPS = _OUTPUT_TOOLTIPS
+    OUTPUT_TOOLTIPS = ("Positive conditioning: every stage with its exact step range. Connect to the sampler's "
+                       "positive input; the negative stays as it is.",
+                       "The step table (stage -> steps, sigmas, percents; step -> stage).")
+
+
+class AtelierMultistageConditioning(_PlanNode):
+    DESCRIPTION = ("Multistage prompts (seed 003): one stage per line, `8: A Chinese dragon` then `12: A fish`. "
+                   "Each prompt is the only positive conditioning on exactly its steps, for any scheduler and "
+                   "sampler, because the boundaries are placed on the sampler's real sigma schedule.")
 
     @classmethod
     def INPUT_TYPES(cls):
         req = {
             "clip": ("CLIP", {"tooltip": "Text encoder used for every stage prompt."}),
-            "model": ("MODEL", {"tooltip": "The model you sample with: its sigma mapping places the boundaries."}),
+            "model": _MODEL_INPUT,
             "stages": ("STRING", {"multiline": True, "default": "8: A Chinese dragon\n12: A fish",
                                   "tooltip": "One stage per line: `<steps>: <prompt>`, in sampling order. Steps "
                                              "are whole numbers >= 0 summing to the total; 0 skips a stage. "
@@ -241,19 +246,14 @@ class AtelierStageList:
         return (tuple(stages),)
 
 
-class AtelierMultistageFromStages:
+class AtelierMultistageFromStages(_PlanNode):
     DESCRIPTION = ("Multistage conditioning from a stage list (CONDITIONING + steps per stage, see Stage List): "
                    "each stage is the only positive conditioning on exactly its steps.")
-    CATEGORY = "atelier/conditioning"
-    FUNCTION = "apply"
-    RETURN_TYPES = ("CONDITIONING", "STRING")
-    RETURN_NAMES = ("positive", "step_table")
-    OUTPUT_TOOLTIPS = _OUTPUT_TOOLTIPS
 
     @classmethod
     def INPUT_TYPES(cls):
         req = {
-            "model": ("MODEL", {"tooltip": "The model you sample with: its sigma mapping places the boundaries."}),
+            "model": _MODEL_INPUT,
             "stages": (STAGES_TYPE, {"tooltip": "Stages in sampling order (from Stage List)."}),
         }
         req.update(_schedule_inputs())
@@ -271,21 +271,16 @@ class AtelierMultistageFromStages:
         return _result(cond, table)
 
 
-class AtelierPromptEditing:
+class AtelierPromptEditing(_PlanNode):
     DESCRIPTION = ("AUTOMATIC1111 prompt editing in ComfyUI: [from:to:when], [to:when], [from::when] (when = step "
                    "number, or fraction with a decimal point), nesting, [a|b] alternation, escapes \\[ \\] \\:. "
                    "Each resulting prompt is used on exactly its steps for any scheduler.")
-    CATEGORY = "atelier/conditioning"
-    FUNCTION = "apply"
-    RETURN_TYPES = ("CONDITIONING", "STRING")
-    RETURN_NAMES = ("positive", "step_table")
-    OUTPUT_TOOLTIPS = _OUTPUT_TOOLTIPS
 
     @classmethod
     def INPUT_TYPES(cls):
         req = {
             "clip": ("CLIP", {"tooltip": "Text encoder used for every distinct prompt."}),
-            "model": ("MODEL", {"tooltip": "The model you sample with: its sigma mapping places the boundaries."}),
+            "model": _MODEL_INPUT,
             "text": ("STRING", {"multiline": True, "default": "[A Chinese dragon:A fish:8], ink painting",
                                 "tooltip": "Prompt with A1111 editing syntax, e.g. `a [dragon:fish:8] in the sea`, "
                                            "`[from::0.5]`, `[cat|dog]`."}),

@@ -71,7 +71,22 @@ def simple(n):
     return torch.tensor([float(MODEL.sigmas[-(1 + int(x * ss))]) for x in range(n)] + [0.0]).tolist()
 
 
+def kl_optimal(n):
+    """Uniform in atan(σ) from σ_max to σ_min, then 0."""
+    w = torch.arange(n, dtype=torch.float) / max(n - 1, 1)
+    s = (w * math.atan(MODEL.sigma_min) + (1 - w) * math.atan(MODEL.sigma_max)).tan()
+    return torch.cat([s, torch.zeros(1)]).tolist()
+
+
+def ddim_uniform(n):
+    """CompVis' uniform DDIM timesteps 1, 1+c, 1+2c, ... (c = 1000 // n), highest first, then 0."""
+    c = max(1000 // n, 1)
+    return [float(MODEL.sigmas[t]) for t in range(1, 1000, c)][::-1] + [0.0]
+
+
 SCHEDULES = {
+    "kl_optimal": kl_optimal,
+    "ddim_uniform": ddim_uniform,
     "karras": lambda n: karras(n, MODEL.sigma_min, MODEL.sigma_max),
     "exponential": lambda n: exponential(n, MODEL.sigma_min, MODEL.sigma_max),
     "normal": normal,
@@ -103,8 +118,9 @@ def split(n, k):
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_every_step_sees_exactly_its_stage(name):
     checked = 0
-    for n in (1, 2, 3, 7, 20, 33, 60):
-        sig = SCHEDULES[name](n)
+    for steps in (2, 3, 7, 20, 33, 60):
+        sig = SCHEDULES[name](steps)
+        n = len(sig) - 1  # ddim_uniform may run a step more than asked, as in ComfyUI
         for counts in ([n], split(n, 2), split(n, 3), [0] + split(n, 2) + [0]):
             plan = ms.plan_stages(sig, counts, MODEL.percent_to_sigma)
             expected = [k for k, c in enumerate(counts) for _ in range(c)]
@@ -236,3 +252,24 @@ def test_invert_percent_returns_none_when_interval_is_unreachable():
     assert ms.invert_percent(MODEL.percent_to_sigma, 100.0, 200.0, 150.0) is None
     p = ms.invert_percent(MODEL.percent_to_sigma, 1.0, 2.0, 1.4)
     assert 1.0 < MODEL.percent_to_sigma(p) < 2.0
+
+
+def test_flow_model_percent_to_sigma_also_maps():
+    """A non-discrete (flow, shift 3) model: σ = shift·t / (1 + (shift-1)·t), t = 1 - p."""
+    shift = 3.0
+
+    def p2s(p):
+        if p <= 0.0:
+            return 1.0
+        if p >= 1.0:
+            return 0.0
+        t = 1.0 - p
+        return shift * t / (1 + (shift - 1) * t)
+
+    ts = torch.linspace(1, 0, 21).tolist()
+    sig = [shift * t / (1 + (shift - 1) * t) for t in ts]
+    plan = ms.plan_stages(sig, [8, 12], p2s)
+    for i, s in enumerate(sig[:-1]):
+        active = [st.index for st in plan.stages
+                  if not (s > p2s(st.start_percent) or s < p2s(st.end_percent))]
+        assert active == [0 if i < 8 else 1]

@@ -85,7 +85,8 @@ def _compute_sigmas(model, sampler_name, scheduler, steps, denoise, sigmas=None)
 def _percent_to_sigma(model):
     ms = model.get_model_object("model_sampling")
     fn = getattr(ms, "percent_to_sigma", None)
-    name = type(ms).__name__
+    # ComfyUI builds the class on the fly ("ModelSampling"); name the sampling type it derives from
+    name = next((c.__name__ for c in type(ms).__mro__ if c.__name__ != "ModelSampling"), type(ms).__name__)
     if fn is None:
         raise ValueError(f"Multistage: this model's sampling ({name}) has no percent_to_sigma, so step ranges "
                          "cannot be mapped to ComfyUI conditioning ranges")

@@ -242,25 +242,26 @@ def plan_stages(sigmas: Sequence[float], counts: Sequence[int],
     return plan
 
 
-def active_stages(plan: MultistagePlan, sigma: float, percent_to_sigma: Callable[[float], float]) -> list:
+def _gates(plan: MultistagePlan, percent_to_sigma: Callable[[float], float]) -> list:
+    """(stage, start σ, end σ) as ComfyUI derives them from the percents, rounded to float32."""
+    return [(st.index, _f32(float(percent_to_sigma(st.start_percent))), _f32(float(percent_to_sigma(st.end_percent))))
+            for st in plan.stages if st.steps]
+
+
+def active_stages(plan: MultistagePlan, sigma: float, percent_to_sigma: Callable[[float], float],
+                  gates: Optional[list] = None) -> list:
     """Stages ComfyUI would use at ``sigma`` (its gating rule: end σ <= σ <= start σ, both inclusive)."""
     s32 = _f32(sigma)
-    out = []
-    for st in plan.stages:
-        if st.steps == 0:
-            continue
-        start = _f32(float(percent_to_sigma(st.start_percent)))
-        end = _f32(float(percent_to_sigma(st.end_percent)))
-        if not (s32 > start or s32 < end):
-            out.append(st.index)
-    return out
+    gates = _gates(plan, percent_to_sigma) if gates is None else gates
+    return [k for k, start, end in gates if not (s32 > start or s32 < end)]
 
 
 def verify_plan(plan: MultistagePlan, percent_to_sigma: Callable[[float], float]) -> list:
     """Steps whose σ would not see exactly their planned stage: list of (step, active stages)."""
+    gates = _gates(plan, percent_to_sigma)
     bad = []
     for i in range(plan.num_steps):
-        seen = active_stages(plan, plan.sigmas[i], percent_to_sigma)
+        seen = active_stages(plan, plan.sigmas[i], percent_to_sigma, gates)
         if seen != [plan.step_stage[i]]:
             bad.append((i, seen))
     return bad

@@ -273,3 +273,19 @@ def test_flow_model_percent_to_sigma_also_maps():
         active = [st.index for st in plan.stages
                   if not (s > p2s(st.start_percent) or s < p2s(st.end_percent))]
         assert active == [0 if i < 8 else 1]
+
+
+def test_verify_plan_reports_a_naive_plan():
+    """The self-check is real: the naive 8/20 percent on karras fails it on the steps it misplaces."""
+    import dataclasses
+
+    sig = karras(20, MODEL.sigma_min, MODEL.sigma_max)
+    plan = ms.plan_stages(sig, [5, 15], MODEL.percent_to_sigma)
+    assert ms.verify_plan(plan, MODEL.percent_to_sigma) == []
+    s0, s1 = plan.stages
+    naive = dataclasses.replace(plan, stages=(dataclasses.replace(s0, end_percent=5 / 20),
+                                              dataclasses.replace(s1, start_percent=5 / 20)))
+    bad = ms.verify_plan(naive, MODEL.percent_to_sigma)
+    expected_first_b = next(i for i, s in enumerate(sig) if s < MODEL.percent_to_sigma(5 / 20))
+    assert expected_first_b != 5
+    assert bad and all(step in range(min(5, expected_first_b), max(5, expected_first_b)) for step, _ in bad)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_upscale_tiled import tiny_swinir, tiny_swinir_state_dict
+from upscale.tiny import tiny_swinir, tiny_swinir_state_dict
 from upscale.loading import UpscaleModelError, is_swinir, load_upscale_model, read_state_dict
 
 

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from test_upscale_tiled import tiny_swinir
+from upscale.tiny import tiny_swinir
 from upscale.channels import luma
 from upscale.resize import resize
 from upscale.tiled import upscale_tiled

@@ -1,43 +1,21 @@
 """Tiled inference core (``upscale/tiled.py``) against untiled runs of a tiny real SwinIR descriptor.
 
-The helpers at the top (also imported by the other upscale tests) build a tiny random SwinIR from
-spandrel's architecture class and load it back through ``ModelLoader`` so it is a real descriptor. Default random init makes attention nearly uniform and the receptive field decays within ~12 px, which
-would make "tiled == untiled" nearly trivially true. ``gain`` sharpens the linear layers and the relative
-position bias so the influence of a tile edge reaches ~26 px (the analytic bound for this config is 34).
+The model (``upscale/tiny.py``) is spandrel's SwinIR class with a tiny config and sharpened random
+weights, loaded back through ``ModelLoader`` so it is a real descriptor whose tile-edge influence reaches
+~26 px (default init would fade within ~12 px and make tiled == untiled nearly trivially true).
 """
 import pytest
 import torch
-from spandrel import ModelLoader
-from spandrel.architectures.SwinIR import SwinIR
 
-
-def tiny_swinir_state_dict(scale=2, gain=16.0, seed=0, window=8, upsampler="pixelshuffle"):
-    torch.manual_seed(seed)
-    net = SwinIR(img_size=32, in_chans=3, embed_dim=12, depths=[2, 2], num_heads=[2, 2], window_size=window,
-                 mlp_ratio=2.0, upscale=scale, img_range=1.0, upsampler=upsampler, resi_connection="1conv")
-    sd = net.state_dict()
-    for key, value in sd.items():
-        if key.endswith("weight") and value.ndim == 2:
-            sd[key] = value * gain
-        elif "relative_position_bias_table" in key:
-            sd[key] = torch.randn_like(value)
-    return sd
-
-
-def tiny_swinir(**kwargs):
-    return ModelLoader().load_from_state_dict(tiny_swinir_state_dict(**kwargs)).eval()
+from upscale.tiny import tiny_swinir
+from upscale.tiled import (
+    TileOOMError, TileReport, blend_weights, plan_axis, receptive_radius, requirements_of, upscale_tiled,
+)
 
 
 def psnr(a, b, peak=1.0):
     mse = torch.mean((a.double() - b.double()) ** 2).item()
     return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(peak ** 2 / mse)).item()
-
-
-# ---------------------------------------------------------------------------------------------------------
-import upscale.tiled as tiled  # noqa: E402
-from upscale.tiled import (  # noqa: E402
-    TileOOMError, TileReport, blend_weights, plan_axis, receptive_radius, requirements_of, upscale_tiled,
-)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,0 +1,138 @@
+"""Benchmark the tiled SwinIR core: throughput and peak memory, tiled vs untiled and by tile size, and the
+tiled-vs-untiled PSNR (seams). Prints a table; asserts nothing.
+
+CPU (default, tiny random SwinIR):   python bench/bench_upscale.py
+GPU (full SwinIR-L architecture, random weights, 512^2 -> 2048^2):
+                                     python bench/bench_upscale.py --device cuda --arch swinir-l --size 512
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (exact); on CPU the growth of the process RSS
+sampled every 2 ms during the run (approximate, includes allocator caching).
+"""
+import argparse
+import os
+import sys
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from upscale.tiled import TileReport, receptive_radius, upscale_tiled  # noqa: E402
+from upscale.tiny import tiny_swinir  # noqa: E402
+
+# the seed's 003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth configuration
+SWINIR_L = dict(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, mlp_ratio=2.0,
+                resi_connection="3conv")
+
+
+def build(arch, gain, seed=0):
+    """tiny: the unit tests' model (x4 real-SR head); swinir-l: the full SwinIR-L, random weights."""
+    from spandrel import ModelLoader
+    from spandrel.architectures.SwinIR import SwinIR
+
+    if arch == "tiny":
+        return tiny_swinir(scale=4, upsampler="nearest+conv", gain=gain, seed=seed)
+    torch.manual_seed(seed)
+    net = SwinIR(in_chans=3, window_size=8, upscale=4, img_range=1.0, upsampler="nearest+conv", **SWINIR_L)
+    return ModelLoader().load_from_state_dict(net.state_dict()).eval()
+
+
+class RssPeak:
+    """Peak growth of this process' resident memory while the block runs (Linux /proc)."""
+
+    def __enter__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self.stop = False
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _poll(self):
+        while not self.stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.bytes = self.peak - self.base
+
+
+def measure(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, time.perf_counter() - t, torch.cuda.max_memory_allocated() - base
+    with RssPeak() as peak:
+        t = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t
+    return out, dt, peak.bytes
+
+
+def psnr(a, b):
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--arch", choices=["tiny", "swinir-l"], default="tiny")
+    p.add_argument("--size", type=int, default=256, help="input edge (square); output is 4x")
+    p.add_argument("--tiles", default="32,64,128,256", help="comma-separated tile sizes")
+    p.add_argument("--overlaps", default="0,16,32,64", help="overlaps for the seam table (at the 2nd tile size)")
+    p.add_argument("--overlap", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4, help="tile batch for the batched row")
+    p.add_argument("--gain", type=float, default=16.0, help="weight sharpening for random weights")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    model = build(a.arch, a.gain)
+    model.model.to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, a.size, a.size, generator=g).to(device)
+    mp_out = (a.size * 4) ** 2 / 1e6
+    print(f"# SwinIR {a.arch} x4, {a.size}^2 -> {a.size * 4}^2, device {device}"
+          f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
+          f" receptive-field bound {receptive_radius(model)} px, torch {torch.__version__}")
+    model(x[:, :, :32, :32])  # warm-up
+
+    ref = None
+    try:
+        ref, dt, mem = measure(lambda: model(x).float().cpu(), device)
+        print(f"{'untiled':>22}: {dt:7.2f} s  {mp_out / dt:7.3f} MP/s  peak {mem / 2**20:8.1f} MiB")
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        print(f"{'untiled':>22}: failed ({type(exc).__name__}: {str(exc)[:80]})")
+    print(f"{'config':>22}  {'time':>9}  {'MP/s':>11}  {'peak':>13}  {'tiles':>5} {'calls':>5}  PSNR vs untiled")
+    tiles = [int(t) for t in a.tiles.split(",")]
+    runs = [(t, a.overlap, 1) for t in tiles] + [(tiles[min(1, len(tiles) - 1)], a.overlap, a.batch)]
+    runs += [(tiles[min(1, len(tiles) - 1)], ov, 1) for ov in map(int, a.overlaps.split(",")) if ov != a.overlap]
+    for tile, overlap, batch in runs:
+        if overlap >= tile:
+            continue
+        rep = TileReport(0, 0, 0, (0, 0), 0, 0)
+        out, dt, mem = measure(lambda: upscale_tiled(model, x, tile=tile, overlap=overlap, tile_batch=batch,
+                                                     report=rep, device=device), device)
+        q = f"{psnr(out, ref):6.1f} dB  max|d| {(out - ref).abs().max().item():.1e}" if ref is not None else "-"
+        name = f"tile {tile} ov {overlap} b{batch}"
+        print(f"{name:>22}: {dt:7.2f} s  {mp_out / dt:7.3f} MP/s  peak {mem / 2**20:8.1f} MiB  {rep.tiles:5d} "
+              f"{rep.model_calls:5d}  {q}")
+
+
+if __name__ == "__main__":
+    main()

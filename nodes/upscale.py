@@ -6,7 +6,7 @@ import torch
 from ..upscale.channels import merge, split
 from ..upscale.loading import is_swinir
 from ..upscale.resize import METHODS, resize
-from ..upscale.tiled import TileReport, count_tiles, requirements_of, upscale_tiled
+from ..upscale.tiled import TORCH_OOM, TileReport, count_tiles, requirements_of, upscale_tiled
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ class AtelierSwinIRUpscale:
         b, _, h, w = x.shape
         total = b * count_tiles(h, w, tile, overlap, req.align)
         pbar = comfy.utils.ProgressBar(total)
-        oom = mm.OOM_EXCEPTION if mm.OOM_EXCEPTION is not Exception else torch.OutOfMemoryError
+        # ComfyUI falls back to bare Exception when torch lacks the CUDA error type: never retry on every error
+        oom = mm.OOM_EXCEPTION if mm.OOM_EXCEPTION is not Exception else TORCH_OOM
         report = TileReport(tile=tile, overlap=overlap, tile_batch=tile_batch, grid=(0, 0), tiles=0, model_calls=0)
         old_device, old_dtype = _model_device_dtype(upscale_model)
         try:

@@ -24,6 +24,10 @@ import torch.nn.functional as F
 FP32_ONLY_ARCHES = {"SwinIR", "Swin2SR", "HAT", "DAT"}
 
 
+# torch.OutOfMemoryError appeared in torch 2.5; older builds only have the CUDA one
+TORCH_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 class TileOOMError(RuntimeError):
     """Out of memory even at the smallest tile allowed."""
 
@@ -250,7 +254,7 @@ def upscale_tiled(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     output_device: torch.device | str = "cpu",
-    oom_exceptions: Iterable[type[BaseException]] = (torch.OutOfMemoryError,),
+    oom_exceptions: Iterable[type[BaseException]] = (TORCH_OOM,),
     on_oom: Callable[[], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,

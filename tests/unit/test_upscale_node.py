@@ -147,3 +147,25 @@ def test_non_swinir_model_runs_with_a_warning(comfy, node, caplog):
 def test_tile_rounded_to_window_and_reported(comfy, node, model):
     _, report, _ = run(node, model, bhwc(1, 40, 40, 3), tile_size=30, overlap=8)
     assert "tile 30 -> 24" in report
+
+
+def test_oom_from_comfy_exception_type_halves_the_tile(comfy, node):
+    class FakeOOM(Exception):
+        pass
+
+    comfy.OOM_EXCEPTION = FakeOOM
+    emptied = []
+    comfy.soft_empty_cache = lambda force=False: emptied.append(1)
+    m = tiny_swinir()
+    real = m._call_fn
+
+    def limited(net, x):
+        if max(x.shape[-2:]) > 64:
+            raise FakeOOM("out of memory (simulated)")
+        return real(net, x)
+
+    m._call_fn = limited
+    out, report, _ = run(node, m, bhwc(1, 72, 128, 3), tile_size=128, overlap=16, tile_batch=1)
+    assert out.shape == (1, 144, 256, 3)
+    assert "of 64px" in report and "1 out-of-memory retries" in report and emptied == [1]
+    assert next(m.model.parameters()).device.type == "cpu"

@@ -88,6 +88,48 @@ def psnr(a, b):
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 
+def run_one(a, spec, device, save=None):
+    """One measurement: spec is "untiled" or "tile,overlap,batch". Returns a result dict."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model = build(a.arch, a.gain)
+    model.model.to(device)
+    x = torch.rand(1, 3, a.size, a.size, generator=torch.Generator().manual_seed(0)).to(device)
+    model(x[:, :, :32, :32])  # warm-up
+    rep = TileReport(0, 0, 0, (0, 0), 1, 1)
+    if spec == "untiled":
+        fn = lambda: model(x).float().cpu()  # noqa: E731
+    else:
+        tile, overlap, batch = map(int, spec.split(","))
+        fn = lambda: upscale_tiled(model, x, tile=tile, overlap=overlap, tile_batch=batch,  # noqa: E731
+                                   report=rep, device=device)
+    out, dt, cpu, mem = measure(fn, device)
+    if save:
+        torch.save(out, save)
+    return {"spec": spec, "wall": dt, "cpu": cpu, "peak": mem, "tiles": rep.tiles, "calls": rep.model_calls,
+            "radius": receptive_radius(model), "out": out}
+
+
+def child_result(a, spec, device):
+    """CPU: measure in a fresh process so RSS peaks are not hidden by memory an earlier run left mapped."""
+    if device.type != "cpu":
+        return run_one(a, spec, device)
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "out.pt")
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", spec, "--save", path, "--arch", a.arch,
+               "--size", str(a.size), "--gain", str(a.gain), "--threads", str(a.threads), "--device", "cpu"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res["out"] = torch.load(path, weights_only=True)
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -97,44 +139,53 @@ def main():
     p.add_argument("--overlaps", default="0,8,16,48", help="overlaps for the seam table (at the first tile size)")
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--batch", type=int, default=4, help="tile batch for the batched row")
-    p.add_argument("--gain", type=float, default=16.0, help="weight sharpening for random weights")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave)")
+    p.add_argument("--gain", type=float, default=16.0, help="weight sharpening for random weights (tiny)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    model = build(a.arch, a.gain)
-    model.model.to(device)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(1, 3, a.size, a.size, generator=g).to(device)
-    mp_out = (a.size * 4) ** 2 / 1e6
-    print(f"# SwinIR {a.arch} x4, {a.size}^2 -> {a.size * 4}^2, device {device}"
-          f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
-          f" receptive-field bound {receptive_radius(model)} px, torch {torch.__version__}")
-    model(x[:, :, :32, :32])  # warm-up
+    if a.child:
+        import json
 
-    print(f"{'config':>22}  {'wall':>7} {'cpu':>9}  {'MP/s*':>7}  {'peak':>12}  {'tiles':>5} {'calls':>5}  PSNR vs untiled")
-    ref = None
-    try:
-        ref, dt, cpu, mem = measure(lambda: model(x).float().cpu(), device)
-        print(f"{'untiled':>22}: {dt:7.2f} s {cpu:7.2f} s  {mp_out / cpu:7.3f}  {mem / 2**20:8.1f} MiB")
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        print(f"{'untiled':>22}: failed ({type(exc).__name__}: {str(exc)[:80]})")
+        res = run_one(a, a.child, device, save=a.save)
+        res.pop("out")
+        print(json.dumps(res))
+        return
+
+    mp_out = (a.size * 4) ** 2 / 1e6
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{a.threads or 'default'} thread(s)"
     tiles = [int(t) for t in a.tiles.split(",")]
-    runs = [(t, a.overlap, 1) for t in tiles] + [(tiles[0], a.overlap, a.batch)]
-    runs += [(tiles[0], ov, 1) for ov in map(int, a.overlaps.split(",")) if ov != a.overlap]
-    for tile, overlap, batch in runs:
-        if overlap >= tile:
+    specs = ["untiled"] + [f"{t},{a.overlap},1" for t in tiles if a.overlap < t]
+    specs += [f"{tiles[0]},{a.overlap},{a.batch}"] if a.batch > 1 and a.overlap < tiles[0] else []
+    specs += [f"{tiles[0]},{ov},1" for ov in map(int, a.overlaps.split(",")) if ov != a.overlap and ov < tiles[0]]
+    ref = None
+    header = False
+    for spec in specs:
+        try:
+            res = child_result(a, spec, device)
+        except (RuntimeError, MemoryError) as exc:
+            print(f"{spec:>22}: failed ({str(exc)[:100]})")
             continue
-        rep = TileReport(0, 0, 0, (0, 0), 0, 0)
-        out, dt, cpu, mem = measure(lambda: upscale_tiled(model, x, tile=tile, overlap=overlap, tile_batch=batch,
-                                                     report=rep, device=device), device)
-        q = f"{psnr(out, ref):6.1f} dB  max|d| {(out - ref).abs().max().item():.1e}" if ref is not None else "-"
-        name = f"tile {tile} ov {overlap} b{batch}"
-        print(f"{name:>22}: {dt:7.2f} s {cpu:7.2f} s  {mp_out / cpu:7.3f}  {mem / 2**20:8.1f} MiB  {rep.tiles:5d} "
-              f"{rep.model_calls:5d}  {q}")
+        if not header:
+            print(f"# SwinIR {a.arch} x4, {a.size}^2 -> {a.size * 4}^2, device {device} ({where}), "
+                  f"receptive-field bound {res['radius']} px, torch {torch.__version__}")
+            print(f"{'config':>22}  {'wall':>7} {'cpu':>9}  {'MP/s*':>7}  {'peak':>12}  {'tiles':>5} {'calls':>5}"
+                  f"  PSNR vs untiled")
+            header = True
+        out = res["out"]
+        if spec == "untiled":
+            ref, name, q = out, "untiled", ""
+        else:
+            tile, overlap, batch = spec.split(",")
+            name = f"tile {tile} ov {overlap} b{batch}"
+            q = "-" if ref is None else f"{psnr(out, ref):6.1f} dB  max|d| {(out - ref).abs().max().item():.1e}"
+        secs = res["cpu"] if device.type == "cpu" else res["wall"]
+        print(f"{name:>22}: {res['wall']:7.2f} s {res['cpu']:7.2f} s  {mp_out / secs:7.3f}  "
+              f"{res['peak'] / 2**20:8.1f} MiB  {res['tiles']:5d} {res['calls']:5d}  {q}", flush=True)
     print("# MP/s* = output megapixels per second of process CPU time on CPU (wall time on a shared machine is "
-          "noisy), per wall second on CUDA")
+          "noisy), per wall second on CUDA; peak = RSS growth (CPU, fresh process each row) or "
+          "max_memory_allocated (CUDA)")
 
 
 if __name__ == "__main__":

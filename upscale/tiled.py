@@ -18,10 +18,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-# Architectures whose activations overflow fp16 (ANCHORS 7.2: SwinIR#180, A1111 #14524, chaiNNer #878).
-# bf16 does not overflow but loses ~3 significant digits; our tests show it does not match fp32, so these
-# run in fp32 only.
-FP32_ONLY_ARCHES = {"SwinIR", "Swin2SR", "HAT", "DAT"}
+# SwinIR's activations overflow fp16 (ANCHORS 7.2: SwinIR#180, A1111 #14524, chaiNNer #878). spandrel
+# allows bf16, but bf16 output differs from fp32 (tests/unit/test_upscale_tiled.py), so fp32 only. Other
+# architectures follow their descriptor's supports_half / supports_bfloat16.
+FP32_ONLY_ARCHES = {"SwinIR"}
 
 
 # torch.OutOfMemoryError appeared in torch 2.5; older builds only have the CUDA one
@@ -236,10 +236,6 @@ def _padded_size(h: int, w: int, req: TileRequirements) -> tuple[int, int]:
     return ph, pw
 
 
-def _is_oom(exc: BaseException, oom_types: tuple) -> bool:
-    return isinstance(exc, oom_types)
-
-
 def upscale_tiled(
     model,
     image: torch.Tensor,
@@ -316,7 +312,7 @@ def upscale_tiled(
                             output_device, progress, check_interrupt)
             break
         except BaseException as exc:  # noqa: BLE001 - filtered to the caller's OOM types just below
-            if not oom_types or not _is_oom(exc, oom_types):
+            if not oom_types or not isinstance(exc, oom_types):
                 raise
             retries += 1
             if on_oom is not None:

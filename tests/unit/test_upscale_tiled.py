@@ -280,3 +280,23 @@ def test_plan_and_weights_partition_unity(length, tile, overlap, align):
             assert w.min() >= 0 and w.shape[0] == (e - s) * scale
             total[s * scale:e * scale] += w
         torch.testing.assert_close(total, torch.ones_like(total))
+
+
+def test_precision_policy_for_other_architectures():
+    """Non-SwinIR models follow their descriptor flags; SwinIR is refused even though spandrel allows bf16."""
+    from spandrel import ModelLoader
+    from spandrel.architectures.Compact import Compact
+
+    from upscale.tiled import check_precision
+
+    compact = ModelLoader().load_from_state_dict(
+        Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2).state_dict())
+    assert compact.supports_half
+    check_precision(compact, torch.float16)  # allowed
+    compact.supports_half = False
+    with pytest.raises(ValueError, match="does not support float16"):
+        check_precision(compact, torch.float16)
+    swinir = tiny_swinir()
+    assert swinir.supports_bfloat16  # spandrel's flag ...
+    with pytest.raises(ValueError, match="must run in float32"):  # ... overridden by the measured policy
+        check_precision(swinir, torch.bfloat16)

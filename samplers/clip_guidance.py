@@ -405,9 +405,8 @@ class CLIPGuidance:
             terms = {"clip": 0.0, "tv": 0.0, "range": 0.0, "saturation": 0.0}
             targets = self.targets.to(pix.device)
             if o.clip_scale * m != 0:
-                unit = (pix + 1) / 2
                 for _ in range(o.cut_batches):
-                    cuts = make_cutouts(unit, self.cut_size, o.cutn, o.cut_pow, self.generator, o.augment)
+                    cuts = make_cutouts((pix + 1) / 2, self.cut_size, o.cutn, o.cut_pow, self.generator, o.augment)
                     with self._autocast(pix.device):
                         emb = self.embed(cuts)
                     loss = clip_loss(emb.float().to(pix.device), targets, batch, o.loss_fn)

@@ -399,11 +399,15 @@ class CLIPGuidance:
                 pixels = self.decode(latent)
             if pixels.ndim != 4 or pixels.shape[1] != 3:
                 raise ValueError(f"the decoder must return [B, 3, H, W] pixels, got {tuple(pixels.shape)}")
+            if not torch.isfinite(pixels).all():
+                raise FloatingPointError(
+                    "the decoder returned NaN/inf pixels: check the VAE/TAESD weights, or decode in fp32")
             pix = pixels.detach().float().requires_grad_(True)
             batch = pix.shape[0]
             pix_grad = torch.zeros_like(pix)
             terms = {"clip": 0.0, "tv": 0.0, "range": 0.0, "saturation": 0.0}
-            targets = self.targets.to(pix.device)
+            targets = self.targets.to(pix.device)  # clones: targets made in inference mode are inference tensors
+            targets = replace(targets, embeddings=targets.embeddings.clone(), weights=targets.weights.clone())
             if o.clip_scale * m != 0:
                 for _ in range(o.cut_batches):
                     cuts = make_cutouts((pix + 1) / 2, self.cut_size, o.cutn, o.cut_pow, self.generator, o.augment)

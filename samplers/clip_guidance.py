@@ -327,6 +327,17 @@ def grad_ready_copy(module: torch.nn.Module, skip: Sequence[str] = ()) -> torch.
     return out
 
 
+def _first_stat(clip, visual, names, default):
+    """Mean/std as a [1,3,1,1] tensor from the embedder or its tower (OpenAI's when neither says)."""
+    for owner in (clip, visual):
+        for name in names:
+            value = getattr(owner, name, None)
+            if value is not None:
+                with torch.inference_mode(False):
+                    return torch.as_tensor(value, dtype=torch.float32).detach().clone().reshape(1, 3, 1, 1)
+    return torch.tensor(default, dtype=torch.float32).view(1, 3, 1, 1)
+
+
 def make_pixel_embedder(clip) -> Callable[[torch.Tensor], torch.Tensor]:
     """Differentiable ``pixels [B,3,H,W] in [0,1] -> CLIP image embedding`` for an ATELIER_CLIP.
 
@@ -340,16 +351,16 @@ def make_pixel_embedder(clip) -> Callable[[torch.Tensor], torch.Tensor]:
         return clip.embed_pixels
     tower = grad_ready_copy(visual)
     size = int(clip.image_size)
-    mean = getattr(clip, "image_mean", None) or getattr(visual, "image_mean", None) or OPENAI_MEAN
-    std = getattr(clip, "image_std", None) or getattr(visual, "image_std", None) or OPENAI_STD
+    mean = _first_stat(clip, visual, ("mean", "image_mean"), OPENAI_MEAN)
+    std = _first_stat(clip, visual, ("std", "image_std"), OPENAI_STD)
 
     def embed(pixels: torch.Tensor) -> torch.Tensor:
         p = next(tower.parameters())
         x = pixels.to(p.device)
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-        m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        m = mean.to(device=x.device, dtype=x.dtype)
+        s = std.to(device=x.device, dtype=x.dtype)
         return tower(((x - m) / s).to(p.dtype))
 
     embed.tower = tower  # kept for tests and for freeing

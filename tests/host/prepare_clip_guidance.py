@@ -22,12 +22,12 @@ SWINIR_FILE = "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"
 
 _COMFY_WRITER = textwrap.dedent("""
     import sys, torch
+    out_approx, out_vae = sys.argv[1], sys.argv[2]
     sys.argv = [sys.argv[0], "--cpu"]
     import comfy.options; comfy.options.enable_args_parsing()
     from safetensors.torch import save_file
     from comfy.taesd.taesd import Decoder, Encoder
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    out_approx, out_vae = sys.argv[1], sys.argv[2]
 
     def init(module):  # ComfyUI's layers skip weight init: give every tensor finite values
         with torch.no_grad():

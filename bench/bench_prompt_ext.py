@@ -1,0 +1,189 @@
+"""Prompt extender benchmarks (prints figures; never asserts timings).
+
+1. BM25 engine choice: SQLite FTS5 (stdlib) vs bm25s (SciPy sparse), build time and query latency on
+   synthetic Zipf-distributed passages (10k / 100k / 1M).
+2. Knowledge-base query latency of the shipped engine (``prompt_ext.kb``) at the same sizes.
+3. End-to-end latency per prompt: bundled knowledge base + a GPT-2-small-shaped random LM on CPU
+   (and on the GPU when one is present).
+
+Run from the pack root:  python bench/bench_prompt_ext.py [--sizes 10000,100000,1000000] [--engines fts5,bm25s]
+"""
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prompt_ext import kb as kbmod  # noqa: E402
+
+_CONS = "bcdfghjklmnprstvz"
+_VOW = "aeiou"
+
+
+def vocabulary(n):
+    """Pronounceable pseudo-words (three consonant-vowel syllables), so stemmers behave as on prose."""
+    sylls = [c + v for c in _CONS for v in _VOW]
+    out = []
+    for i in range(n):
+        a, b, c = i % len(sylls), (i // len(sylls)) % len(sylls), (i // len(sylls) ** 2) % len(sylls)
+        out.append(sylls[a] + sylls[b] + sylls[c] + "n")
+    return out
+
+
+def synthetic_corpus(n_docs, vocab_size=50000, mean_len=60, seed=0):
+    rng = np.random.default_rng(seed)
+    vocab = np.array(vocabulary(vocab_size))
+    ranks = np.arange(1, vocab_size + 1)
+    p = 1.0 / ranks**1.07
+    p /= p.sum()
+    lengths = rng.integers(mean_len // 2, mean_len * 3 // 2, size=n_docs)
+    ids = rng.choice(vocab_size, size=int(lengths.sum()), p=p)
+    docs, pos = [], 0
+    for n in lengths:
+        docs.append(" ".join(vocab[ids[pos : pos + n]]))
+        pos += n
+    titles = [" ".join(vocab[rng.integers(200, vocab_size, size=2)]) for _ in range(n_docs)]
+    return titles, docs, vocab
+
+
+def queries(vocab, n=50, seed=1, common=False):
+    """Queries of 3 mid-frequency words (typical prompts); ``common`` adds one top-100 word (worst case)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ws = list(vocab[rng.integers(100, 20000, size=3)])
+        if common:
+            ws.append(vocab[rng.integers(5, 100)])
+        out.append(" ".join(ws))
+    return out
+
+
+def timed(fn, qs):
+    fn(qs[0])  # warm
+    ts = []
+    for q in qs:
+        t = time.perf_counter()
+        fn(q)
+        ts.append((time.perf_counter() - t) * 1000)
+    ts.sort()
+    return statistics.median(ts), ts[int(0.95 * (len(ts) - 1))], ts[-1]
+
+
+def fmt(t):
+    return f"p50 {t[0]:7.2f} ms  p95 {t[1]:7.2f} ms  max {t[2]:7.2f} ms"
+
+
+def bench_fts5(titles, docs, vocab, tmpdir):
+    path = os.path.join(tmpdir, f"kb_{len(docs)}.sqlite")
+    t = time.perf_counter()
+    kbmod.build_kb(zip(titles, docs), path, source="synthetic", max_words=10**6, batch=20000)
+    build = time.perf_counter() - t
+    size = os.path.getsize(path) / 2**20
+    with kbmod.KnowledgeBase(path) as base:
+        typ = timed(lambda q: base.search(q, k=5), queries(vocab))
+        com = timed(lambda q: base.search(q, k=5), queries(vocab, common=True))
+        full = timed(lambda q: base.retrieve(q, k=5), queries(vocab))
+    os.remove(path)
+    print(f"  fts5   build {build:7.1f} s  file {size:7.1f} MiB")
+    print(f"  fts5   search typical      {fmt(typ)}")
+    print(f"  fts5   search +common word {fmt(com)}")
+    print(f"  fts5   retrieve (titles+bm25) {fmt(full)}")
+
+
+def bench_bm25s(titles, docs, vocab):
+    try:
+        import bm25s
+    except ImportError:
+        print("  bm25s  not installed (pip install bm25s) - skipped")
+        return
+    corpus = [t + " " + d for t, d in zip(titles, docs)]
+    t = time.perf_counter()
+    tokens = bm25s.tokenize(corpus, stopwords=None, show_progress=False)
+    retriever = bm25s.BM25()  # default Lucene variant, k1=1.5 b=0.75
+    retriever.index(tokens, show_progress=False)
+    build = time.perf_counter() - t
+
+    def q(text):
+        qt = bm25s.tokenize([text], stopwords=None, show_progress=False)
+        return retriever.retrieve(qt, k=5, show_progress=False)
+
+    typ = timed(q, queries(vocab))
+    com = timed(q, queries(vocab, common=True))
+    print(f"  bm25s  build {build:7.1f} s (in memory; text kept separately)")
+    print(f"  bm25s  search typical      {fmt(typ)}")
+    print(f"  bm25s  search +common word {fmt(com)}")
+
+
+def bench_end_to_end(n_prompts=3):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from prompt_ext import extend as ext
+    from prompt_ext import lm as lmmod
+    from tests.unit.prompt_ext_fixtures import save_word_tokenizer  # test helper, tiny word-level tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "gpt2-small-random")
+        os.makedirs(model_dir)
+        vocab = save_word_tokenizer(model_dir, kind="gpt2")
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=max(50257, vocab), n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
+        GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        prompts = ["a painting of urbanization of china", "children running in a wheat field",
+                   "a harbour at night with fishing boats"]
+        for device in devices:
+            lm = lmmod.load_lm(model_dir, device=device)
+            extender = ext.PromptExtender(ext.default_knowledge_base(), lm=lm)
+            extender.extend(prompts[0], n_candidates=4, seed=0)  # warm
+            ts = []
+            for p in prompts[:n_prompts]:
+                t = time.perf_counter()
+                extender.extend(p, n_candidates=4, seed=0)
+                ts.append(time.perf_counter() - t)
+            print(f"  end-to-end, GPT-2-small-shaped random LM, 4 candidates, {device}: "
+                  f"mean {statistics.mean(ts) * 1000:.0f} ms per prompt")
+            extender = ext.PromptExtender(ext.default_knowledge_base(), lm=None)
+            ts = []
+            for p in prompts:
+                t = time.perf_counter()
+                extender.extend(p, n_candidates=4, seed=0)
+                ts.append(time.perf_counter() - t)
+            print(f"  end-to-end, retrieval only (LM none): mean {statistics.mean(ts) * 1000:.1f} ms per prompt")
+        if not torch.cuda.is_available():
+            print("  GPU: not measured (no GPU lent)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--engines", default="fts5,bm25s")
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+    engines = args.engines.split(",")
+    print(f"CPU cores: {os.cpu_count()}  sqlite {kbmod.sqlite3.sqlite_version}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in [int(s) for s in args.sizes.split(",")]:
+            t = time.perf_counter()
+            titles, docs, vocab = synthetic_corpus(n)
+            print(f"== {n} synthetic passages (~60 words, Zipf vocabulary of 50k; made in {time.perf_counter() - t:.0f} s)")
+            if "fts5" in engines:
+                bench_fts5(titles, docs, vocab, tmp)
+            if "bm25s" in engines:
+                bench_bm25s(titles, docs, vocab)
+            del titles, docs
+    if not args.skip_e2e:
+        print("== end to end")
+        bench_end_to_end()
+
+
+if __name__ == "__main__":
+    main()

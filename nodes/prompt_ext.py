@@ -127,10 +127,10 @@ class AtelierPromptExtender:
                                "prompt-tuned GPT-2, T5) that continues the prompt; 'none' = retrieval only."}),
                 "candidates": ("INT", {"default": 4, "min": 1, "max": 16,
                                        "tooltip": "How many prompts to return (and LM continuations to sample)."}),
-                "lambda1": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                "lambda1": ("FLOAT", {"default": ext.LAMBDA1, "min": 0.0, "max": 10.0, "step": 0.05,
                                       "tooltip": "λ1: weight of the similarity cos(E(u),E(v)) to your prompt. Higher "
                                                  "keeps candidates closer to what you wrote."}),
-                "lambda2": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 5.0, "step": 0.01,
+                "lambda2": ("FLOAT", {"default": ext.LAMBDA2, "min": 0.0, "max": 5.0, "step": 0.01,
                                       "tooltip": "λ2: bonus per place/time entity (cities, countries, years, "
                                                  "centuries, seasons, times of day) in a candidate."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True,

@@ -133,7 +133,7 @@ def main(argv=None):
     e.add_argument("--lm", help="local Hugging Face model directory (GPT-2, DialoGPT, T5)")
     e.add_argument("-n", type=int, default=4)
     e.add_argument("--lambda1", type=float, default=1.0)
-    e.add_argument("--lambda2", type=float, default=0.1)
+    e.add_argument("--lambda2", type=float, default=0.05)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--artist", default="")
     e.set_defaults(fn=cmd_extend)

@@ -25,6 +25,10 @@ from .window import WINDOW, ClipTokenCounter
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_KB_JSONL = os.path.join(DATA_DIR, "knowledge_default.jsonl")
 SEPARATOR = ", "
+# Defaults of equation 26's weights: cosine in [-1, 1] and TFIDF in [0, 1) weigh alike with lambda1 = 1; each
+# place/time entity adds lambda2 = 0.05, enough to break near-ties without letting a list of dates win.
+LAMBDA1 = 1.0
+LAMBDA2 = 0.05
 
 
 class PromptError(ValueError):
@@ -158,6 +162,20 @@ _OPENERS = frozenset("a an the in its it this these those there his her their wi
                      "before today later originally many most some each".split())
 
 
+_SUBJECT = frozenset(["He", "She", "It", "They"])
+_POSSESSIVE = frozenset(["His", "Her", "Its", "Their"])
+
+
+def resolve_pronoun(sentence, title):
+    """Out of its article, "He died at Auvers" loses its subject: put the article title back in its place."""
+    first, _, rest = sentence.partition(" ")
+    if first in _SUBJECT and rest:
+        return f"{title} {rest}"
+    if first in _POSSESSIVE and rest:
+        return f"{title}'s {rest}"
+    return sentence
+
+
 def _clean(text):
     """An extension phrase: one line, no trailing full stop, a lower-case opener after the comma."""
     text = _WS.sub(" ", text).strip()
@@ -199,7 +217,7 @@ class PromptExtender:
         for p in self.kb.retrieve(prompt, k=k_passages):
             label = "title match" if p.score == float("inf") else f"bm25 {p.score:.2f}"
             for sentence in kbmod.split_sentences(p.text)[:3]:
-                out.append((sentence, f"knowledge: {p.title} ({label})"))
+                out.append((resolve_pronoun(sentence, p.title), f"knowledge: {p.title} ({label})"))
         if self.lm is not None:
             try:
                 texts = self.lm.generate(prompt, n=n_candidates, seed=seed, max_new_tokens=max_new_tokens)
@@ -210,11 +228,11 @@ class PromptExtender:
                 out.append((text, f"{self.lm.name} #{i + 1}"))
             for i, text in enumerate(texts):
                 for p in self.kb.search(text, k=1):
-                    sentence = kbmod.split_sentences(p.text)[0]
+                    sentence = resolve_pronoun(kbmod.split_sentences(p.text)[0], p.title)
                     out.append((sentence, f"knowledge for {self.lm.name} #{i + 1}: {p.title}"))
         return out
 
-    def extend(self, prompt, n_candidates=4, lambda1=1.0, lambda2=0.1, seed=0, artist="", k_passages=6,
+    def extend(self, prompt, n_candidates=4, lambda1=LAMBDA1, lambda2=LAMBDA2, seed=0, artist="", k_passages=6,
                max_new_tokens=40):
         """Extend ``prompt``; returns an :class:`Extension` (best prompt, top prompts, all scores, report)."""
         warnings = []

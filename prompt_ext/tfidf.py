@@ -18,7 +18,20 @@ import math
 import os
 from collections import Counter
 
-from .kb import words
+from .kb import words as _words
+
+
+def terms(text):
+    """Words with a light plural folding ("fields" -> "field", "cities" -> "city"): without it the scores
+    of "wheat fields" and "a wheat field" would share nothing."""
+    out = []
+    for w in _words(text):
+        if len(w) > 4 and w.endswith("ies"):
+            w = w[:-3] + "y"
+        elif len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is")):
+            w = w[:-1]
+        out.append(w)
+    return out
 
 FORMAT_NAME = "atelier-tfidf"
 FORMAT_VERSION = 1
@@ -37,7 +50,7 @@ class TfidfModel:
     def fit(cls, documents):
         df, n = Counter(), 0
         for doc in documents:
-            df.update(set(words(doc)))
+            df.update(set(terms(doc)))
             n += 1
         return cls(df, n)
 
@@ -47,14 +60,14 @@ class TfidfModel:
 
     def score(self, text):
         """TFIDF(v) of equation 26 (see the module docstring); 0 for a text without words."""
-        tokens = words(text)
+        tokens = terms(text)
         if not tokens:
             return 0.0
         return sum(self.idf(t) for t in tokens) / (len(tokens) * self.idf_max)
 
     def vector(self, text):
         """Sparse L2-normalised TF-IDF vector {word: weight} (raw counts as tf)."""
-        counts = Counter(t for t in words(text) if t in self._idf)
+        counts = Counter(t for t in terms(text) if t in self._idf)
         vec = {t: c * self._idf[t] for t, c in counts.items()}
         norm = math.sqrt(sum(v * v for v in vec.values()))
         return {t: v / norm for t, v in vec.items()} if norm > 0 else {}

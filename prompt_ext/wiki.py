@@ -24,8 +24,7 @@ _BLOCK_TAGS = re.compile(r"<(gallery|math|score|syntaxhighlight|source|timeline|
 _TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 _TABLE = re.compile(r"\{\|[^{}]*?\|\}", re.DOTALL)
 _FILE_LINK = re.compile(r"\[\[(?:file|image|category|media):[^\[\]]*\]\]", re.IGNORECASE)
-_INNER_LINK = re.compile(r"\[\[[^\[\]]*\]\]")
-_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]")
+_LINK = re.compile(r"\[\[(?!\s*(?:file|image|category|media):)(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]", re.IGNORECASE)
 _EXT_LINK = re.compile(r"\[(?:https?|ftp)://[^\s\]]+(?:\s([^\]]*))?\]")
 _URL = re.compile(r"(?:https?|ftp)://\S+")
 _HEADING = re.compile(r"^=+[^=\n]*=+\s*$", re.MULTILINE)
@@ -54,14 +53,9 @@ def strip_wiki_markup(text):
     text = _BLOCK_TAGS.sub("", text)
     text = _repeat(_TEMPLATE, "", text)
     text = _repeat(_TABLE, "", text)
-    # files/categories may contain links in their captions: remove inner links first, then the file link
-    while True:
-        new = _FILE_LINK.sub("", text)
-        if new == text:
-            break
-        text = new
-    text = re.sub(r"\[\[(?:file|image|media):.*?\]\]\s*", "", text, flags=re.IGNORECASE)  # unbalanced leftovers
+    # links keep their label; file captions may hold links, so links go first, then files and categories
     text = _LINK.sub(r"\1", text)
+    text = _repeat(_FILE_LINK, "", text)
     text = _EXT_LINK.sub(lambda m: m.group(1) or "", text)
     text = _URL.sub("", text)
     text = _HEADING.sub("\n", text)

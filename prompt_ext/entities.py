@@ -24,6 +24,7 @@ TIME_PATTERNS = [
     rf"\b\d{{1,2}}\s+{_MONTH}\s+\d{{3,4}}\b",
     rf"\b{_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{3,4}}\b",
     r"\b\d{4}-\d{2}-\d{2}\b",
+    rf"\b{_MONTH}\s+\d{{4}}\b",  # May 1874
     # centuries and millennia: 19th century, nineteenth-century, the 1800s, 1920s, '20s
     rf"\b(?:early\s+|mid-?\s*|late\s+)?{_ORD}[\s-]+(?:century|centuries|millennium)(?:\s+(?:bc|bce|ad|ce))?\b",
     r"\b(?:early\s+|mid-?|late\s+)?\d{3}0s\b",

@@ -5,15 +5,34 @@ reads the CLIP BPE vocabulary shipped inside the open_clip wheel (works offline)
 SD1 CLIP tokenizer uses.
 """
 import functools
+import importlib.util
+import os
+import sys
 
 WINDOW = 75
 
 
+def _tokenizer_module():
+    """open_clip's tokenizer module. Importing the ``open_clip`` package pulls in torchvision and every model
+    definition (tens of seconds on a small CPU); the tokenizer module alone needs only its vocabulary file, so
+    when open_clip is not loaded yet we load that one file by path."""
+    loaded = sys.modules.get("open_clip.tokenizer")
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip is not installed: pip install open_clip_torch (the CLIP token counter needs "
+                          "its BPE vocabulary)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py")
+    mod_spec = importlib.util.spec_from_file_location("_atelier_open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+    return _tokenizer_module().SimpleTokenizer()
 
 
 class ClipTokenCounter:

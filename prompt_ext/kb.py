@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 TOKENIZER = "unicode61 remove_diacritics 2"
 # Postings budget of one query: above it the commonest query words (lowest idf) are left out, which keeps a
 # query on a million passages under 50 ms; below it (every realistic prompt) the ranking is exact BM25.
-MAX_POSTINGS = 150_000
+MAX_POSTINGS = 50_000
 TITLE_WEIGHT = 2.0  # a query word in the title counts twice (BM25 column weight)
 MAX_TITLE_WORDS = 6
 

@@ -137,29 +137,36 @@ def load_lm(model_dir, device="cpu"):
     return LanguageModel(model_dir, model, tokenizer, seq2seq, dialogue, device)
 
 
-class LMEncoder:
+class _EmbeddingEncoder:
+    """E(.) from a function that returns L2-normalised rows: cos(E(u), E(v)) is a dot product."""
+
+    def embed(self, texts):
+        raise NotImplementedError
+
+    def cosines(self, u, candidates):
+        if not candidates:
+            return []
+        e = self.embed([u] + list(candidates)).float().cpu()
+        return (e[1:] @ e[0]).tolist()
+
+
+class LMEncoder(_EmbeddingEncoder):
     """E(.) from a loaded LM (T5's encoder for seq2seq models)."""
 
     def __init__(self, lm):
         self.lm = lm
         self.name = f"{lm.name} {'encoder' if lm.seq2seq else 'hidden states'} (mean-pooled)"
 
-    def cosines(self, u, candidates):
-        if not candidates:
-            return []
-        e = self.lm.embed([u] + list(candidates))
-        return (e[1:] @ e[0]).tolist()
+    def embed(self, texts):
+        return self.lm.embed(texts)
 
 
-class ClipEncoder:
+class ClipEncoder(_EmbeddingEncoder):
     """E(.) from an ``ATELIER_CLIP`` (open_clip text tower; ``encode_text`` returns L2-normalised rows)."""
 
     def __init__(self, clip):
         self.clip = clip
         self.name = f"open_clip {getattr(clip, 'name', 'text tower')}"
 
-    def cosines(self, u, candidates):
-        if not candidates:
-            return []
-        e = self.clip.encode_text([u] + list(candidates)).float().cpu()
-        return (e[1:] @ e[0]).tolist()
+    def embed(self, texts):
+        return self.clip.encode_text(list(texts))

@@ -185,3 +185,28 @@ def test_node_schema(node):
                 assert opts["default"] in kind
     assert spec["required"]["knowledge_base"][0][0] == node.DEFAULT_KB
     assert spec["required"]["language_model"][0][0] == node.NO_LM
+
+
+def test_local_ner_model_adds_its_entities(tmp_path):
+    """A token-classification folder (random tiny BERT, labels O/LOC/DATE) runs through the NER path."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    from prompt_ext.entities import EntityCounter, NerModel, is_token_classifier
+    from prompt_ext.tiny import save_word_tokenizer
+
+    d = tmp_path / "tiny-ner"
+    n = save_word_tokenizer(str(d), "gpt2")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=n, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     id2label={0: "O", 1: "B-LOC", 2: "B-DATE"}, label2id={"O": 0, "B-LOC": 1, "B-DATE": 2})
+    model = BertForTokenClassification(cfg)
+    with torch.no_grad():  # make the classifier say LOC for every word: a known answer from random weights
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    model.save_pretrained(d)
+    assert is_token_classifier(str(d)) and not lmmod.is_language_model(str(d))
+    counter = EntityCounter(ner=NerModel(str(d)))
+    assert "NER (tiny-ner)" in counter.name
+    spans = counter.spans("canal boats at dawn")
+    assert all(kind in ("place", "time") for _, _, kind, _ in spans)
+    assert counter.count("canal boats at dawn") > EntityCounter().count("canal boats at dawn") == 1

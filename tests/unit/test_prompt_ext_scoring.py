@@ -229,3 +229,11 @@ def test_jsonl_knowledge_base_is_built_once_into_the_cache(tmp_path):
     b = ext.open_knowledge_base(src)
     assert a is b and len(a) == 1
     assert a.path.startswith(ext.cache_dir())
+
+
+def test_tfidf_saved_next_to_a_knowledge_base_is_used(tmp_path):
+    kb_path = tmp_path / "mine.sqlite"
+    assert ext.tfidf_for(str(kb_path)) is ext.default_tfidf()
+    TfidfModel.fit(["harbour boats", "harbour"]).save(tmp_path / "mine.tfidf.json")
+    model = ext.tfidf_for(str(kb_path))
+    assert model.n_docs == 2 and model.idf("boat") > model.idf("harbour") > 0

@@ -85,8 +85,12 @@ def iter_wiki_dump(path, max_articles=None, min_words=20):
     n = 0
     with _open(path) as f:
         try:
-            context = ET.iterparse(f, events=("end",))
-            for _, elem in context:
+            root = None
+            for event, elem in ET.iterparse(f, events=("start", "end")):
+                if root is None:
+                    root = elem  # <mediawiki>: cleared after every page so finished pages do not pile up
+                if event != "end":
+                    continue
                 tag = elem.tag.rsplit("}", 1)[-1]
                 if tag != "page":
                     continue
@@ -102,7 +106,7 @@ def iter_wiki_dump(path, max_articles=None, min_words=20):
                         redirect = True
                     elif ctag == "text":
                         text = child.text or ""
-                elem.clear()
+                root.clear()
                 if redirect or (ns not in (None, "0")) or not title or not text:
                     continue
                 if text.lstrip().lower().startswith("#redirect"):

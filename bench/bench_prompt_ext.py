@@ -174,11 +174,17 @@ def main():
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--engines", default="fts5,bm25s")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default); 1 is "
+                    "much faster on a machine whose cores are busy with other work")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engines = args.engines.split(",")
     print(f"CPU cores: {os.cpu_count()}  load average {os.getloadavg()[0]:.1f}  sqlite {kbmod.sqlite3.sqlite_version}")
     with tempfile.TemporaryDirectory() as tmp:
-        for n in [int(s) for s in args.sizes.split(",")]:
+        for n in [int(s) for s in args.sizes.split(",") if s]:
             t = time.perf_counter()
             titles, docs, vocab = synthetic_corpus(n)
             print(f"== {n} synthetic passages (~60 words, Zipf vocabulary of 50k; made in {time.perf_counter() - t:.0f} s)")

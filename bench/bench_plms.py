@@ -25,7 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="SD1.x checkpoint (.safetensors), e.g. the tiny random one")
+    ap.add_argument("--ckpt", help="SD1.x checkpoint (.safetensors), e.g. the tiny random one")
+    ap.add_argument("--overhead", action="store_true",
+                    help="instead of a checkpoint, time the samplers' own work with a one-conv model at 512^2 latents")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/work/comfyui"), help="ComfyUI checkout")
     ap.add_argument("--steps", type=int, default=20, help="sampling steps (ddim_uniform; pick a divisor of 1000)")
     ap.add_argument("--reps", type=int, default=7, help="repetitions per sampler (interleaved)")
@@ -99,9 +101,64 @@ class PeakMemory:
             self.peak = max(self.peak_rss, self.rss()) - self.base
 
 
+def overhead(args):
+    """Sampler arithmetic only: a one-conv model (parameters requiring grad) on 4x64x64 latents, so the
+    step cost is the sampler's own tensor work plus a small conv; and the memory kept outside inference mode."""
+    import torch
+
+    import comfy.k_diffusion.sampling as kds
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1).to(device)
+
+    def model(x, sigma, **kw):
+        s = sigma.view(-1, 1, 1, 1)
+        return x - s * conv(x / (1 + s ** 2) ** 0.5)
+
+    steps = args.steps
+    sigmas = torch.cat([torch.linspace(14.6, 0.03, steps), torch.zeros(1)]).to(device)
+    x = torch.randn(args.batch, 4, args.size // 8, args.size // 8, device=device) * 14.6
+    fns = {"plms": kds.sample_plms, "ipndm": kds.sample_ipndm}
+
+    def run(name, inference=True):
+        ctx = torch.inference_mode() if inference else torch.enable_grad()
+        with PeakMemory(device) as mem, ctx:
+            t0 = time.perf_counter()
+            out = fns[name](model, x, sigmas, disable=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            total = time.perf_counter() - t0
+        return total, mem.peak, bool(out.requires_grad)
+
+    for name in fns:
+        run(name)
+    times = {name: [] for name in fns}
+    for rep in range(args.reps):
+        for name in (["plms", "ipndm"] if rep % 2 == 0 else ["ipndm", "plms"]):
+            times[name].append(run(name)[0])
+    print(f"overhead mode: device {device}  latent {tuple(x.shape)}  steps {steps}  reps {args.reps}  (one-conv model)")
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in med.items():
+        calls = steps + 1 if name == "plms" else steps
+        print(f"{name:6s} median {t * 1e3:8.2f} ms  per step {t / steps * 1e3:7.3f} ms  per call {t / calls * 1e3:7.3f} ms  "
+              f"(min/max {min(times[name]) * 1e3:.1f}/{max(times[name]) * 1e3:.1f} ms)")
+    print(f"ratio per step plms/ipndm: {med['plms'] / med['ipndm']:.4f}   per model call: "
+          f"{(med['plms'] / (steps + 1)) / (med['ipndm'] / steps):.4f}")
+    for name in fns:
+        for inference in (True, False):
+            t, peak, graph = run(name, inference)
+            print(f"{name:6s} {'inference mode' if inference else 'grad enabled  '}  peak mem {peak / 2 ** 20:8.1f} MiB  "
+                  f"output keeps a graph: {graph}")
+
+
 def main():
     args = parse_args()
     setup_comfyui(args.comfyui)
+    if args.overhead:
+        return overhead(args)
+    if not args.ckpt:
+        raise SystemExit("bench_plms: give --ckpt PATH (an SD1.x checkpoint) or --overhead")
     import torch
 
     import comfy.model_management as mm

@@ -107,11 +107,8 @@ def _check_no_range(cond, what):
                 "the node sets the ranges itself")
 
 
-def build_multistage(model, stage_conds, counts, labels, sampler_name, scheduler, steps, denoise,
-                     scale=False, sigmas=None):
-    """Shared by the nodes: (conditioning with exact ranges, step table)."""
-    import node_helpers
-
+def plan_multistage(model, counts, labels, sampler_name, scheduler, steps, denoise, scale=False, sigmas=None):
+    """The plan and its step table, before any prompt is encoded (so bad input fails fast)."""
     if model is None:
         raise ValueError("Multistage: connect the MODEL you sample with; its sigma mapping places the boundaries")
     sig, where = _compute_sigmas(model, sampler_name, scheduler, steps, denoise, sigmas)
@@ -131,6 +128,15 @@ def build_multistage(model, stage_conds, counts, labels, sampler_name, scheduler
         plan = core.plan_stages(sig, final_counts, p2s)
     except core.MultistageError as e:
         raise ValueError(f"Multistage ({ms_name}, {where}): {e}") from None
+    header = f"Multistage plan: {n} steps ({where}); model sampling {ms_name}{note}"
+    if list(final_counts) != [int(c) for c in counts]:
+        header += f"\nstage steps scaled from {list(counts)} to {final_counts}"
+    return plan, core.format_plan(plan, labels, header)
+
+
+def apply_plan(plan, stage_conds):
+    """Each non-empty stage's conditioning with its range (copies via conditioning_set_values), concatenated."""
+    import node_helpers
 
     out = []
     for st, cond in zip(plan.stages, stage_conds):
@@ -138,10 +144,14 @@ def build_multistage(model, stage_conds, counts, labels, sampler_name, scheduler
             continue
         out += node_helpers.conditioning_set_values(cond, {"start_percent": st.start_percent,
                                                            "end_percent": st.end_percent})
-    header = f"Multistage plan: {n} steps ({where}); model sampling {ms_name}{note}"
-    if list(final_counts) != [int(c) for c in counts]:
-        header += f"\nstage steps scaled from {list(counts)} to {final_counts}"
-    return out, core.format_plan(plan, labels, header)
+    return out
+
+
+def build_multistage(model, stage_conds, counts, labels, sampler_name, scheduler, steps, denoise,
+                     scale=False, sigmas=None):
+    """Shared by the nodes: (conditioning with exact ranges, step table)."""
+    plan, table = plan_multistage(model, counts, labels, sampler_name, scheduler, steps, denoise, scale, sigmas)
+    return apply_plan(plan, stage_conds), table
 
 
 def _encode(clip, texts):
@@ -200,10 +210,9 @@ class AtelierMultistageConditioning(_PlanNode):
         except core.MultistageError as e:
             raise ValueError(f"Multistage: {e}") from None
         texts = [p for _, p in parsed]
-        conds = _encode(clip, texts)
-        cond, table = build_multistage(model, conds, [c for c, _ in parsed], texts, sampler_name, scheduler,
-                                       steps, denoise, scale_steps, sigmas)
-        return _result(cond, table)
+        plan, table = plan_multistage(model, [c for c, _ in parsed], texts, sampler_name, scheduler, steps,
+                                      denoise, scale_steps, sigmas)
+        return _result(apply_plan(plan, _encode(clip, texts)), table)
 
 
 class AtelierStageList:
@@ -303,10 +312,9 @@ class AtelierPromptEditing(_PlanNode):
         except editing.PromptEditingError as e:
             raise ValueError(f"Prompt editing: {e}") from None
         texts = [t for t, _ in stages]
-        conds = _encode(clip, texts)
-        cond, table = build_multistage(model, conds, [c for _, c in stages], [repr(t) for t in texts],
-                                       sampler_name, scheduler, steps, denoise, False, sigmas)
-        return _result(cond, table)
+        plan, table = plan_multistage(model, [c for _, c in stages], [repr(t) for t in texts], sampler_name,
+                                      scheduler, steps, denoise, False, sigmas)
+        return _result(apply_plan(plan, _encode(clip, texts)), table)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -4,6 +4,8 @@ Thousands of sampling runs, so not through HTTP: ``bench/bench_multistage.py`` r
 ComfyUI's python, samples in-process with ``comfy.sample.sample`` on a tiny SD1.5-shaped model whose UNet
 call is a recording wrapper (returns zeros), and writes its figures as JSON. The plan comes from the pack's
 own node (``AtelierMultistageFromStages``), so node + core + ComfyUI's gating are tested together.
+The last test goes through the shared server fixture instead: text and prompt-editing nodes with a real
+(tiny) CLIP, their UI text, and an error message naming the node.
 """
 import json
 import os
@@ -67,3 +69,38 @@ def test_negative_windows_custom_sigmas_and_between_step_evaluations(tmp_path):
     assert dpm2["between_steps"] > 0 and dpm2["between_own_stage"] == dpm2["between_steps"]
     heun = ex["intermediate"]["heun"]
     assert heun["at_next_sigma_next_stage"] > 0
+
+
+def _preview(prompt, node, slot=1):
+    key = str(len(prompt) + 1)
+    prompt[key] = {"class_type": "PreviewAny", "inputs": {"source": [node, slot]}}
+    return key
+
+
+def test_text_and_prompt_editing_nodes_with_a_real_clip(comfy_server):
+    """Through the server: real CLIP encoding, the UI text, and a readable error naming the node."""
+    from runner.run import RunError
+
+    common = {"model": ["1", 0], "clip": ["1", 1], "sampler_name": "euler", "scheduler": "karras", "steps": 20,
+              "denoise": 1.0}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "AtelierPromptEditing",
+              "inputs": dict(common, text="[A Chinese dragon:A fish:8], ink", counting="exact")},
+        "3": {"class_type": "AtelierMultistageConditioning",
+              "inputs": dict(common, stages="8: A Chinese dragon\n0: a cat\n12: A fish", scale_steps=False)},
+    }
+    _preview(prompt, "2")
+    _preview(prompt, "3")
+    result = comfy_server.run_api(prompt, timeout=900)
+    assert result.status == "success"
+    for node in ("2", "3"):
+        table = result.outputs[node]["text"][0]
+        rows = [line.split() for line in table.splitlines()[2:5]]
+        assert "A Chinese dragon" in table and "A fish" in table
+        assert [r[1] for r in rows if r and r[0].isdigit()][:2] == ["8", "0" if node == "3" else "12"]
+    bad = {"1": prompt["1"], "2": {"class_type": "AtelierMultistageConditioning",
+                                   "inputs": dict(common, stages="3: a\n4: b", scale_steps=False)}}
+    _preview(bad, "2")
+    with pytest.raises(RunError, match="sum to 7"):
+        comfy_server.run_api(bad, timeout=900)

@@ -78,13 +78,13 @@ save_file({k: v.contiguous().to(torch.float16) for k, v in sd.items()}, argv[1])
 
 def ensure_tiny_unclip(server):
     """Path of the cached tiny unCLIP-H checkpoint (about 1.1 GB, ~1.5 min to build once on 2 cores)."""
-    from runner.tiny import _locked, cache_dir
+    from runner.tiny import cache_dir, locked
 
     key = hashlib.sha256(UNCLIP_MAKER.encode()).hexdigest()[:12]
     target = cache_dir() / f"tiny_sd21_unclip_h_{key}.safetensors"
     if target.is_file():
         return target
-    with _locked(str(target) + ".lock"):
+    with locked(str(target) + ".lock"):
         if target.is_file():
             return target
         script = cache_dir() / f"make_tiny_unclip_{key}.py"
@@ -116,11 +116,9 @@ def prepare(server):
         clip = OpenClipEmbedder(name, str(weights), device="cpu")
         build_db(images, models / "atelier_style_db" / db, clip, metadata_file=images / "metadata.csv",
                  log=lambda m: None)
-    unclip = ensure_tiny_unclip(server)
-    link = models / "checkpoints" / UNCLIP_NAME
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(unclip)
+    from runner.tiny import place_checkpoint
+
+    place_checkpoint(ensure_tiny_unclip(server), models / "checkpoints", [UNCLIP_NAME])
     server.retrieval_images = images
     loader64 = {"AtelierOpenCLIPLoader.weights": f"{CLIP64}.safetensors",
                 "AtelierOpenCLIPLoader.architecture": "auto from file name"}

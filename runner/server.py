@@ -177,6 +177,16 @@ def user_models_yaml(comfy_path, dest):
     return pathlib.Path(dest)
 
 
+def _die_with_parent():
+    """In the child, before exec: on Linux, ask the kernel to end the server when its parent dies, so a
+    killed test run or runner never leaves an orphan ComfyUI holding a port and memory."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class ComfyServer:
     """A ComfyUI subprocess with this pack loaded. Use as a context manager; ``stop()`` always runs.
 
@@ -272,7 +282,7 @@ class ComfyServer:
         env.pop("PYTHONPATH", None)  # the test venv's path must not leak into ComfyUI's Python
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui_path, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         try:
             self._wait_ready()
             self._check_pack_loaded()

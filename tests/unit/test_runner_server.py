@@ -433,3 +433,38 @@ def test_command_passes_model_paths_and_folders(tmp_path, monkeypatch):
     assert cmd[cmd.index("--input-directory") + 1] == str(root / "input")
     assert cmd[cmd.index("--base-directory") + 1] == str(tmp_path / "base")
     assert cmd[cmd.index("--database-url") + 1] == "sqlite:///" + str(tmp_path / "base" / "user" / "comfyui.db")
+
+
+def test_server_ends_when_its_parent_is_killed(tmp_path):
+    """A test run or runner killed with SIGKILL (no cleanup runs) must not leave an orphan ComfyUI."""
+    import signal
+    import subprocess
+    import time
+
+    root = fake_comfyui(tmp_path, FAKE_HTTP_MAIN.format(mode="ok"))
+    pid_file = tmp_path / "server.pid"
+    parent_source = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(server.PACK_ROOT)!r})
+        from runner.server import ComfyServer
+        srv = ComfyServer({str(root)!r}, python=sys.executable, cpu=True, startup_timeout=60,
+                          expected_nodes=["AtelierDemo"]).start()
+        open({str(pid_file)!r}, "w").write(str(srv.proc.pid))
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", parent_source])
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and parent.poll() is None, "the parent did not start the fake server"
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    assert pid_alive(child)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while pid_alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = pid_alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the server outlived its killed parent"

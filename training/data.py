@@ -78,10 +78,10 @@ def fill_template(template: str, meta: dict) -> str:
     for name in re.findall(r"{(\w+)}", template):
         fields.setdefault(name, "")
     text = template.format(**fields)
+    text = re.sub(r"\b(by|in|from)\s*(?=,|$)", "", text)  # "by ," when the artist is unknown
     text = re.sub(r"\s+", " ", text)
     text = re.sub(r"(\s*,\s*)+", ", ", text)          # collapse empty comma slots
     text = re.sub(r"\s+([,.;:])", r"\1", text)
-    text = re.sub(r"\b(by|in|from)\s*(,|$)", r"\2", text)  # "by ," when the artist is unknown
     return text.strip(" ,;")
 
 

@@ -122,3 +122,30 @@ def display_name(filename: str, metadata: dict) -> str:
     """Combo label: "Claude Monet — monet_lora.safetensors" for Atelier files, the plain name otherwise."""
     artist = metadata.get("atelier.artist", "")
     return f"{artist} — {filename}" if artist else filename
+
+
+_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".lora_down", ".lora_up",
+                  ".alpha", ".dora_scale", ".lora_A.weight", ".lora_B.weight", ".lora.down.weight",
+                  ".lora.up.weight", "_lora.down.weight", "_lora.up.weight", ".diff_b", ".diff",
+                  ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".lokr_w1", ".lokr_w2",
+                  ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".set_weight")
+
+
+def lora_module_names(keys) -> set[str]:
+    """Module names of a LoRA state dict (``lora_unet_x.lora_down.weight`` → ``lora_unet_x``)."""
+    names = set()
+    for k in keys:
+        for suffix in _LORA_SUFFIXES:
+            if k.endswith(suffix):
+                names.add(k[: -len(suffix)])
+                break
+        else:
+            names.add(k)
+    return names
+
+
+def match_report(keys, key_map) -> tuple[list[str], list[str]]:
+    """(matched, unmatched) module names of a LoRA against a host key map (e.g. ComfyUI's)."""
+    names = lora_module_names(keys)
+    matched = sorted(n for n in names if n in key_map)
+    return matched, sorted(names - set(matched))

@@ -25,14 +25,8 @@ def register_model_folders():
         existing = folder_paths.folder_names_and_paths.get(name)
         if existing is None:
             folder_paths.folder_names_and_paths[name] = ([default], set(exts))
-        else:
-            paths, known = existing
-            if default not in paths:
-                paths.append(default)
-            if isinstance(known, set) and known and exts:
-                known.update(exts)
-            elif isinstance(known, set) and known and not exts:
-                known.clear()  # directories: accept every name
+        elif default not in existing[0]:
+            existing[0].append(default)  # keep the user's paths first and their extension set as it is
     return True
 
 
@@ -43,4 +37,5 @@ def model_folder(name):
     paths = folder_paths.get_folder_paths(name)
     if not paths:
         raise RuntimeError(f"Atelier: ComfyUI has no '{name}' model folder registered")
+    os.makedirs(paths[0], exist_ok=True)
     return paths[0]

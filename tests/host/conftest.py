@@ -1,0 +1,134 @@
+"""Host layer: tests against a real ComfyUI (``COMFYUI_PATH``, or the ComfyUI this pack sits in).
+
+One ComfyUI server is started per test session (fixture ``comfy_server``) with this pack symlinked into
+a temporary base directory and a tiny random SD1.5 checkpoint (built once by
+``../shared/tools/make_random_sd15.py --tiny`` and cached, see runner/tiny.py) placed in
+``models/checkpoints/`` under ``tiny_sd15.safetensors`` and under every checkpoint name that the
+example workflows use. Everything lives in temp folders on a free port: several sessions can run at
+once, and the ComfyUI checkout is never written to.
+
+Without ComfyUI every test in this folder is skipped with one line saying why.
+
+Fixture interface (shared with every helper; see COMMON.md):
+    comfy_server.url, .base_dir, .object_info(), .log_text(),
+    .run_api(prompt, timeout=...), .run_workflow(ui_json_or_path, overrides=None, timeout=...)
+    -> result with .outputs (history outputs per node id), .files (paths written), .status;
+    failures raise runner.run.RunError (message names the node) or runner.convert.WorkflowError.
+"""
+import json
+import os
+import pathlib
+
+import pytest
+
+from runner import convert
+from runner.run import ensure_requirements, model_references
+from runner.server import ComfyError, ComfyNotFound, ComfyServer, find_comfyui, find_python
+from runner.tiny import ensure_tiny_sd15, place_checkpoint
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+TINY_NAME = "tiny_sd15.safetensors"
+# Checkpoint names every session provides even if no workflow names them yet.
+DEFAULT_CHECKPOINTS = {TINY_NAME, "v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly-fp16.safetensors"}
+
+
+def _find():
+    try:
+        return find_comfyui(), None
+    except ComfyNotFound as exc:
+        return None, str(exc)
+
+
+COMFY, NOT_FOUND = _find()
+SKIP_REASON = ("host layer skipped: no ComfyUI found (set COMFYUI_PATH to a ComfyUI checkout "
+               "to run the host tests)") if COMFY is None else None
+
+
+def pytest_report_header(config):
+    if COMFY is None:
+        return [SKIP_REASON]
+    return [f"host layer: ComfyUI at {COMFY} (python {find_python(COMFY)})"]
+
+
+# the pytest.skip line below (0-based, as pytest stores it), for the folded report
+_SKIP_LINE = next(i for i, line in enumerate(open(__file__, encoding="utf-8")) if line.strip() == "pytest.skip(SKIP_REASON)")
+
+
+@pytest.fixture(autouse=True)
+def _needs_comfyui():
+    """Skip every host test from one place, so ``-ra`` folds them into one visible line."""
+    if COMFY is None:
+        pytest.skip(SKIP_REASON)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Report every "no ComfyUI" skip at this file's location, so ``-ra`` folds them into ONE line."""
+    outcome = yield
+    rep = outcome.get_result()
+    if COMFY is None and rep.skipped and isinstance(rep.longrepr, tuple) and SKIP_REASON in str(rep.longrepr[2]):
+        rep.longrepr = (__file__, _SKIP_LINE, rep.longrepr[2])
+
+
+def pytest_collection_modifyitems(config, items):
+    here = pathlib.Path(__file__).parent
+    for item in items:
+        if here in pathlib.Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.host)
+
+
+def checkpoint_names(workflow_paths, object_info):
+    """Checkpoint file names that the given UI-format workflows load."""
+    names = set()
+    for path in workflow_paths:
+        try:
+            prompt = convert.ui_to_api(convert.load_workflow(path), object_info)
+        except convert.WorkflowError:
+            continue  # the workflow's own test reports the problem
+        names.update(v for _, _, _, folder, v in model_references(prompt) if folder == "checkpoints")
+    return names
+
+
+class HostServer(ComfyServer):
+    """ComfyServer plus the tiny checkpoint bookkeeping the host tests need."""
+
+    def add_checkpoint_names(self, names):
+        place_checkpoint(self.tiny_checkpoint, self.models_dir / "checkpoints", names)
+        self.object_info(refresh=True)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    if COMFY is None:
+        pytest.skip(SKIP_REASON)
+    python = find_python(COMFY)
+    try:
+        ensure_requirements(python)
+        tiny = ensure_tiny_sd15(COMFY, python)
+    except ComfyError as exc:
+        pytest.fail(f"host layer set-up failed: {exc}", pytrace=False)
+    base = tmp_path_factory.mktemp("comfy_base")
+    place_checkpoint(tiny, base / "models" / "checkpoints", sorted(DEFAULT_CHECKPOINTS))
+    server = HostServer(COMFY, python, base_dir=base,
+                        startup_timeout=float(os.environ.get("ATELIER_HOST_STARTUP_TIMEOUT", 300)))
+    server.tiny_checkpoint = tiny
+    try:
+        server.start()
+    except ComfyError as exc:
+        pytest.fail(f"ComfyUI did not start for the host tests:\n{exc}", pytrace=False)
+    try:
+        server.add_checkpoint_names(checkpoint_names(WORKFLOWS, server.object_info()) - DEFAULT_CHECKPOINTS)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pack_node_ids(pack):
+    """Node ids the pack defines (NODE_CLASS_MAPPINGS), read by importing the pack as the tests do."""
+    return sorted(pack.NODE_CLASS_MAPPINGS)
+
+
+def load_json(path):
+    return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))

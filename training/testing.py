@@ -96,7 +96,9 @@ class ToyBackend:
         self.te.requires_grad_(False)
         self.vae = nn.Conv2d(3, 4, 8, stride=8)  # "VAE": 8× downsampling like SD's
         self.schedule = NoiseSchedule(scaled_linear_alphas_cumprod(), prediction)
-        self.saved = None
+        # like ComfyUI's key maps: every layer's kohya name, taken before any LoRA wraps a layer
+        self._key_map = {f"lora_unet_{n.replace('.', '_')}" for n, _ in self.unet.named_modules() if n}
+        self._key_map |= {f"lora_te_{n.replace('.', '_')}" for n, _ in self.te.named_modules() if n}
 
     def unet_fn(self, x_t, t, context):
         return self.unet(x_t, t, context)
@@ -125,9 +127,7 @@ class ToyBackend:
         return [self.unet.block] + list(self.te.text_model.encoder.layers)
 
     def lora_key_map(self):
-        keys = {f"lora_unet_{n.replace('.', '_')}" for n, m in self.unet.named_modules() if n}
-        keys |= {f"lora_te_{n.replace('.', '_')}" for n, m in self.te.named_modules() if n}
-        return {k.replace("_base", "") for k in keys}
+        return self._key_map
 
     def save_full_checkpoint(self, path, metadata):
         from safetensors.torch import save_file

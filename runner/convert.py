@@ -31,7 +31,6 @@ DROPPED_NODES = {"Note", "MarkdownNote"}
 MODE_MUTED = 2
 MODE_BYPASS = 4
 FRONTEND_ONLY = object()  # placeholder name for values that only the frontend uses
-CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize", "increment-wrap"}
 # Combos whose options are the user's files: membership is not checked statically.
 FILE_OPTION_HINTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".png", ".jpg", ".jpeg", ".webp",
                      ".gguf", ".sft", ".onnx", ".yaml", ".json", ".mp4", ".wav", ".mp3", ".flac")
@@ -451,13 +450,3 @@ def apply_overrides(prompt, overrides, object_info, validate=True):
             where = f"override for node {node_id} ({entry['class_type']})"
             entry["inputs"][name] = check_value(where, name, type_, opts, value) if validate else value
     return prompt
-
-
-def referenced_files(prompt, object_info, folder_hint=("ckpt_name",)):
-    """(node_id, class, input, value) for file-name combo inputs named in ``folder_hint``."""
-    found = []
-    for node_id, entry in prompt.items():
-        for name, value in entry["inputs"].items():
-            if name in folder_hint and isinstance(value, str):
-                found.append((node_id, entry["class_type"], name, value))
-    return found

@@ -294,12 +294,25 @@ def missing_requirements(python, requirements=PACK_ROOT / "requirements.txt"):
     return [line for line in out.stdout.splitlines() if line.strip()]
 
 
-def ensure_requirements(python, requirements=PACK_ROOT / "requirements.txt", out=sys.stderr):
-    missing = missing_requirements(python, requirements)
+def ensure_requirements(python, requirements=PACK_ROOT / "requirements.txt", out=None):
+    """pip-install the requirement lines missing from ``python``; one installer at a time per machine."""
+    import hashlib
+
+    from .tiny import cache_dir, locked
+
+    if not missing_requirements(python, requirements):
+        return []
+    lock = cache_dir() / f"pip-{hashlib.sha256(str(python).encode()).hexdigest()[:12]}.lock"
+    with locked(lock):
+        return _install_missing(python, requirements, out)
+
+
+def _install_missing(python, requirements, out):
+    missing = missing_requirements(python, requirements)  # again: another run may have installed them
     if not missing:
         return []
     print(f"== installing the pack's requirements into ComfyUI's Python ({python}): {', '.join(missing)}",
-          file=out, flush=True)
+          file=out or sys.stderr, flush=True)
     proc = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *missing])
     if proc.returncode != 0:
         raise ComfyError(f"pip could not install {', '.join(missing)} into {python}; install them by hand "
@@ -333,7 +346,8 @@ def build_parser():
     return ap
 
 
-def main(argv=None, out=sys.stdout, err=sys.stderr):
+def main(argv=None, out=None, err=None):
+    out, err = out or sys.stdout, err or sys.stderr
     args = build_parser().parse_args(argv)
     try:
         comfy = find_comfyui(args.comfyui)

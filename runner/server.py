@@ -72,9 +72,11 @@ def find_comfyui(explicit=None):
     elif os.environ.get("COMFYUI_PATH"):
         candidates.append(("COMFYUI_PATH", os.environ["COMFYUI_PATH"]))
     else:
-        parent = PACK_ROOT.parent
-        if parent.name == "custom_nodes":
-            candidates.append(("the ComfyUI this pack is installed in", parent.parent))
+        # the pack as ComfyUI sees it: a folder (or a symlink) in <ComfyUI>/custom_nodes/
+        for root in (pathlib.Path(os.path.abspath(__file__)).parents[1], PACK_ROOT):
+            if root.parent.name == "custom_nodes" and _is_comfyui(root.parent.parent):
+                candidates.append(("the ComfyUI this pack is installed in", root.parent.parent))
+                break
     for origin, path in candidates:
         path = pathlib.Path(path).expanduser().resolve()
         if _is_comfyui(path):

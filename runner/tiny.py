@@ -47,7 +47,8 @@ def cache_dir():
 
 
 @contextlib.contextmanager
-def _locked(path):
+def locked(path):
+    """An exclusive file lock (fcntl), held for the ``with`` block."""
     import fcntl
 
     with open(path, "a+") as handle:
@@ -65,7 +66,7 @@ def ensure_tiny_sd15(comfyui_path, python, seed=0, timeout=900):
     target = cache_dir() / f"tiny_sd15_{key}.safetensors"
     if target.is_file():
         return target
-    with _locked(str(target) + ".lock"):
+    with locked(str(target) + ".lock"):
         if target.is_file():  # another process built it while we waited
             return target
         partial = target.with_name(target.name + f".{os.getpid()}.part")

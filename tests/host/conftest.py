@@ -9,6 +9,13 @@ once, and the ComfyUI checkout is never written to.
 
 Without ComfyUI every test in this folder is skipped with one line saying why.
 
+Model files for example workflows: a file ``tests/host/prepare_<area>.py`` with ``def prepare(server)`` is
+called once after the session server started; it writes tiny model files under
+``server.base_dir / "models" / "<folder>"`` (and may call ``server.add_checkpoint_names([...])``), and may
+return ``{"<workflow file name>": {"<node id, title or class>.<input>": value}}``: overrides that
+test_example_workflow_runs applies to that workflow (e.g. fewer steps). ``comfy_server.workflow_overrides``
+holds them.
+
 Fixture interface (shared with every helper; see COMMON.md):
     comfy_server.url, .base_dir, .object_info(), .log_text(),
     .run_api(prompt, timeout=...), .run_workflow(ui_json_or_path, overrides=None, timeout=...)
@@ -52,7 +59,7 @@ def pytest_report_header(config):
 
 
 # the pytest.skip line below (0-based, as pytest stores it), for the folded report
-_SKIP_LINE = next(i for i, line in enumerate(open(__file__, encoding="utf-8")) if line.strip() == "pytest.skip(SKIP_REASON)")
+_SKIP_LINE = next(i for i, line in enumerate(open(__file__, encoding="utf-8"), start=1) if line.strip() == "pytest.skip(SKIP_REASON)")
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +105,24 @@ class HostServer(ComfyServer):
         self.object_info(refresh=True)
 
 
+def run_preparers(server):
+    """Call ``prepare(server)`` of every tests/host/prepare_*.py; merge the overrides they return."""
+    import importlib.util
+
+    overrides = {}
+    for path in sorted(pathlib.Path(__file__).parent.glob("prepare_*.py")):
+        spec = importlib.util.spec_from_file_location(f"atelier_host_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+            extra = module.prepare(server) or {}
+        except Exception as exc:  # noqa: BLE001  report which preparer broke, then stop the session
+            pytest.fail(f"{path.name}: prepare(server) failed: {type(exc).__name__}: {exc}", pytrace=False)
+        for workflow, values in extra.items():
+            overrides.setdefault(workflow, {}).update(values)
+    return overrides
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     if COMFY is None:
@@ -119,6 +144,8 @@ def comfy_server(tmp_path_factory):
         pytest.fail(f"ComfyUI did not start for the host tests:\n{exc}", pytrace=False)
     try:
         server.add_checkpoint_names(checkpoint_names(WORKFLOWS, server.object_info()) - DEFAULT_CHECKPOINTS)
+        server.workflow_overrides = run_preparers(server)
+        server.object_info(refresh=True)
         yield server
     finally:
         server.stop()

@@ -1,7 +1,8 @@
 """The pack in a real ComfyUI: it loads, lists its nodes, and every example workflow runs.
 
 CPU time: every workflow runs at 64x64 (EmptyLatentImage width/height overridden) with at most 2 sampler
-steps (KSampler), on the tiny random checkpoint; the images are noise, the plumbing is what is tested.
+steps (KSampler), on the tiny random checkpoint, plus the overrides a tests/host/prepare_<area>.py returns
+for it (see conftest.py); the images are noise, the plumbing is what is tested.
 """
 import json
 import pathlib
@@ -69,6 +70,7 @@ def test_core_nodes_present(comfy_server):
 def test_example_workflow_runs(comfy_server, workflow):
     info = comfy_server.object_info()
     prompt = shrink(convert.ui_to_api(convert.load_workflow(workflow), info, validate=True))
+    convert.apply_overrides(prompt, comfy_server.workflow_overrides.get(workflow.name, {}), info)
     result = comfy_server.run_api(prompt, timeout=900)
     assert result.status == "success"
     assert result.files, f"{workflow.name} wrote no files"

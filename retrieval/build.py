@@ -1,0 +1,435 @@
+"""Building, resuming, sharding, merging and updating style databases.
+
+The file list of a folder is sorted by relative path and cut into chunks of ``chunk_size`` files. Each chunk
+is decoded (worker threads), embedded (batches) and checkpointed to ``<out>.partial/`` before the next one,
+so an interrupted build resumes at the first unfinished chunk. Shard i of n takes the chunks j with
+j % n == i; since every chunk is embedded exactly as in a single build, merging the n shards reproduces the
+single build bit for bit.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .db import StyleDBError, load_db, write_db
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+PARTIAL_VERSION = 1
+_YEAR = re.compile(r"^(.*?)[-_ ]((?:1[0-9]|20)\d\d)$")
+
+
+class BuildInterrupted(Exception):
+    """Raised by a progress callback to stop a build; finished chunks stay checkpointed."""
+
+
+# -- folder scanning and metadata -------------------------------------------------------------------------------
+def scan_folder(root):
+    """(images, ignored): sorted relative posix paths of image files, and of other files (not images)."""
+    if not os.path.isdir(root):
+        raise StyleDBError(f"image folder not found: '{root}'")
+    images, ignored = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+            (images if os.path.splitext(name)[1].lower() in IMAGE_EXTS else ignored).append(rel)
+    return sorted(images), sorted(ignored)
+
+
+def _words(slug):
+    return " ".join(w.capitalize() if w.islower() else w for w in re.split(r"[-_ ]+", slug) if w)
+
+
+def parse_wikiart(rel_path):
+    """WikiArt layout ``Style/artist-name_title-words-1916.jpg`` → artist, style, title, year.
+
+    Files outside a sub-folder have no style; names without '_' have no artist (the whole name is the title).
+    """
+    parts = rel_path.split("/")
+    style = _words(parts[0]) if len(parts) > 1 else ""
+    stem = os.path.splitext(parts[-1])[0]
+    artist_slug, sep, title_slug = stem.partition("_")
+    if not sep:
+        artist_slug, title_slug = "", stem
+    year = ""
+    m = _YEAR.match(title_slug)
+    if m:
+        title_slug, year = m.group(1), m.group(2)
+    return {"artist": _words(artist_slug), "style": style, "genre": "", "title": _words(title_slug), "year": year}
+
+
+_KEY_COLUMNS = ("path", "relative_path", "file", "filename", "image", "name")
+
+
+def load_metadata_table(path):
+    """CSV or JSONL rows keyed by their file column (path/file/filename/image); values override parsed ones."""
+    if not path:
+        return {}
+    path = str(path)
+    if not os.path.isfile(path):
+        raise StyleDBError(f"metadata file not found: '{path}'")
+    if path.lower().endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    table = {}
+    for n, row in enumerate(rows):
+        key = next((str(row[c]) for c in _KEY_COLUMNS if row.get(c)), None)
+        if key is None:
+            raise StyleDBError(f"metadata file '{path}' row {n + 1} has no file column (one of {_KEY_COLUMNS})")
+        table[key.replace("\\", "/")] = {k: ("" if v is None else str(v)) for k, v in row.items()
+                                         if k not in _KEY_COLUMNS}
+    return table
+
+
+def row_metadata(rel_path, table):
+    meta = parse_wikiart(rel_path)
+    extra = table.get(rel_path) or table.get(os.path.basename(rel_path)) or \
+        table.get(os.path.splitext(os.path.basename(rel_path))[0])
+    if extra:
+        meta.update({k: v for k, v in extra.items() if k in ("artist", "style", "genre", "title", "year") and v})
+    meta["path"] = rel_path
+    return meta
+
+
+# -- decoding ---------------------------------------------------------------------------------------------------
+def read_image(path, size):
+    """(sha256 of the file bytes, uint8 [size, size, 3]): shorter side to ``size`` (bicubic), centre crop."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (size * 2, size * 2))  # JPEG: decode at reduced scale, much faster for big paintings
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        return digest, np.asarray(img, dtype=np.uint8)
+
+
+def _safe_read(path, size):
+    try:
+        return read_image(path, size), None
+    except Exception as e:  # unreadable / not an image / truncated: skipped and listed
+        if type(e).__name__ == "UnidentifiedImageError":
+            return None, "not a readable image (unknown or damaged format)"
+        return None, f"{type(e).__name__}: {e}"[:300]
+
+
+def prefetch_map(executor, fn, items, ahead):
+    """Ordered map that keeps at most ``ahead`` calls in flight (bounded memory, overlapped decoding)."""
+    pending = collections.deque()
+    it = iter(items)
+    for item in it:
+        pending.append(executor.submit(fn, item))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        result = pending.popleft().result()
+        for item in it:
+            pending.append(executor.submit(fn, item))
+            break
+        yield result
+
+
+def embed_uint8(embedder, arrays):
+    """Raw (un-normalised) float32 embeddings of a list of uint8 [S,S,3] arrays, as numpy [B, dim]."""
+    import torch
+
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    return embedder.encode_preprocessed(x).cpu().numpy().astype(np.float32)
+
+
+def embedder_info(embedder):
+    return {"name": embedder.name, "weights_hash": embedder.weights_hash, "dim": int(embedder.dim)}
+
+
+# -- building ---------------------------------------------------------------------------------------------------
+def parse_shard(text):
+    """'i/n' → (i, n) with 0 ≤ i < n."""
+    if text in (None, ""):
+        return 0, 1
+    if isinstance(text, (tuple, list)):
+        i, n = text
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if not m:
+            raise StyleDBError(f"shard must look like 'i/n' (e.g. 0/4), got {text!r}")
+        i, n = int(m.group(1)), int(m.group(2))
+    if not (n >= 1 and 0 <= i < n):
+        raise StyleDBError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n")
+    return i, n
+
+
+def _embed_files(root, rels, embedder, batch_size, workers, progress, table, done_before, total):
+    """Decode+embed files in order. Returns (raw float32 [m, dim], rows, skipped)."""
+    size = embedder.image_size
+    embs, rows, skipped = [], [], []
+    batch, batch_rows = [], []
+    done = reported = done_before
+
+    def flush():
+        nonlocal batch, batch_rows
+        if batch:
+            embs.append(embed_uint8(embedder, batch))
+            rows.extend(batch_rows)
+            batch, batch_rows = [], []
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reader = prefetch_map(pool, lambda rel: (rel, _safe_read(os.path.join(root, rel), size)), rels,
+                              ahead=max(2 * batch_size, 4 * workers))
+        for rel, (res, err) in reader:
+            done += 1
+            if err is not None:
+                skipped.append({"path": rel, "reason": err})
+            else:
+                digest, arr = res
+                meta = row_metadata(rel, table)
+                meta["sha256"] = digest
+                batch.append(arr)
+                batch_rows.append(meta)
+                if len(batch) >= batch_size:
+                    flush()
+                    if progress:
+                        reported = done
+                        progress(done, total)
+        flush()
+        if progress and reported != done:
+            progress(done, total)
+    emb = np.concatenate(embs) if embs else np.zeros((0, embedder.dim), np.float32)
+    return emb, rows, skipped
+
+
+def _plan_digest(files, chunk_size, shard, info, metadata_file):
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": PARTIAL_VERSION, "chunk": chunk_size, "shard": shard, "embedder": info,
+                         "metadata": os.path.abspath(metadata_file) if metadata_file else ""}).encode())
+    for f in files:
+        h.update(f.encode() + b"\0")
+    return h.hexdigest()
+
+
+def _save_chunk(path, emb, rows, skipped):
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}.npz"
+    np.savez(tmp, emb=emb, rows=np.array(json.dumps(rows)), skipped=np.array(json.dumps(skipped)))
+    os.replace(tmp, path)
+
+
+def _load_chunk(path):
+    with np.load(path) as z:
+        return z["emb"], json.loads(str(z["rows"])), json.loads(str(z["skipped"]))
+
+
+def dedup_sorted(emb, norms, rows):
+    """Sort rows by path and keep one row per content hash (the first path); returns the duplicates list."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["path"])
+    seen, keep, dups = {}, [], []
+    for i in order:
+        h = rows[i]["sha256"]
+        if h in seen:
+            dups.append({"path": rows[i]["path"], "same_as": seen[h]})
+        else:
+            seen[h] = rows[i]["path"]
+            keep.append(i)
+    keep = np.asarray(keep, dtype=np.int64)
+    return emb[keep], norms[keep], [rows[i] for i in keep], dups
+
+
+def normalise16(raw):
+    """Raw float32 embeddings → (L2-normalised float16 rows, float32 norms): the stored form."""
+    raw = np.asarray(raw, dtype=np.float32)
+    norms = np.linalg.norm(raw, axis=1)
+    emb = (raw / np.maximum(norms, 1e-12)[:, None]).astype(np.float16)
+    return emb, norms.astype(np.float32)
+
+
+def build_db(source, out, embedder, metadata_file=None, batch_size=64, workers=None, chunk_size=1024,
+             shard=None, index="auto", progress=None, resume=True, log=print):
+    """Build the database of an image folder into directory ``out``; returns a summary dict.
+
+    ``progress(done, total)`` is called after every batch and may raise to stop (the finished chunks are kept
+    in ``out.partial`` and the next call with ``resume=True`` continues from there).
+    """
+    source = os.path.abspath(source)
+    out = os.path.abspath(out)
+    metadata_file = str(metadata_file) if metadata_file else None
+    shard_i, shard_n = parse_shard(shard)
+    batch_size = max(1, int(batch_size))
+    chunk_size = max(batch_size, int(chunk_size) // batch_size * batch_size)
+    workers = workers or min(8, (os.cpu_count() or 2))
+    table = load_metadata_table(metadata_file)
+    files, ignored = scan_folder(source)
+    meta_abs = os.path.abspath(metadata_file) if metadata_file else None
+    if meta_abs and meta_abs.startswith(source + os.sep):
+        ignored = [f for f in ignored if os.path.join(source, f) != meta_abs]
+    if not files:
+        raise StyleDBError(f"no image files (extensions {', '.join(sorted(IMAGE_EXTS))}) in '{source}'"
+                           + (f"; found {len(ignored)} other file(s) such as {ignored[0]}" if ignored else ""))
+    info = embedder_info(embedder)
+    chunks = [files[i:i + chunk_size] for i in range(0, len(files), chunk_size)]
+    mine = [j for j in range(len(chunks)) if j % shard_n == shard_i]
+    total = sum(len(chunks[j]) for j in mine)
+
+    partial = out + ".partial"
+    digest = _plan_digest(files, chunk_size, [shard_i, shard_n], info, metadata_file)
+    plan_path = os.path.join(partial, "plan.json")
+    if os.path.isdir(partial):
+        try:
+            with open(plan_path, encoding="utf-8") as f:
+                same = json.load(f).get("digest") == digest
+        except (OSError, ValueError):
+            same = False
+        if not (resume and same):
+            log(f"discarding the previous partial build in {partial}"
+                + ("" if resume else " (resume off)") + ("" if same else " (different files or settings)"))
+            shutil.rmtree(partial)
+    os.makedirs(partial, exist_ok=True)
+    with open(plan_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"digest": digest, "source": source, "files": len(files), "chunk_size": chunk_size,
+                   "shard": [shard_i, shard_n]}, f)
+    os.replace(plan_path + ".tmp", plan_path)
+
+    done, resumed = 0, 0
+    for j in mine:
+        cpath = os.path.join(partial, f"chunk_{j:06d}.npz")
+        if os.path.isfile(cpath):
+            done += len(chunks[j])
+            resumed += 1
+            continue
+        emb, rows, skipped = _embed_files(source, chunks[j], embedder, batch_size, workers, progress, table,
+                                          done, total)
+        _save_chunk(cpath, emb, rows, skipped)
+        done += len(chunks[j])
+    if resumed:
+        log(f"resumed: {resumed} of {len(mine)} chunk(s) were already embedded")
+
+    embs, rows, skipped = [], [], []
+    for j in mine:
+        e, r, s = _load_chunk(os.path.join(partial, f"chunk_{j:06d}.npz"))
+        embs.append(e)
+        rows.extend(r)
+        skipped.extend(s)
+    raw = np.concatenate(embs) if embs else np.zeros((0, info["dim"]), np.float32)
+    if not rows:
+        raise StyleDBError(f"none of the {len(files)} image file(s) in '{source}' could be read; first error: "
+                           f"{skipped[0]['path']}: {skipped[0]['reason']}")
+    emb16, norms = normalise16(raw)
+    emb16, norms, rows, dups = dedup_sorted(emb16, norms, rows)
+    extra = {"shard": [shard_i, shard_n]} if shard_n > 1 else {}
+    write_db(out, emb16, norms, rows, info, source_root=source, skipped=sorted(skipped, key=lambda s: s["path"]),
+             duplicates=dups, index="exact" if shard_n > 1 else index, extra=extra)
+    shutil.rmtree(partial, ignore_errors=True)
+    return {"path": out, "count": len(rows), "files": total, "skipped": skipped, "duplicates": dups,
+            "ignored": ignored, "resumed_chunks": resumed, "shard": [shard_i, shard_n]}
+
+
+def merge_dbs(out, parts, index="auto"):
+    """Merge databases (e.g. the shards of one build) into ``out``: rows re-sorted by path, deduplicated."""
+    if not parts:
+        raise StyleDBError("merge needs at least one database")
+    dbs = [load_db(p, load_index=False) for p in parts]
+    first = dbs[0]
+    for db in dbs[1:]:
+        if (db.embedder_name, db.embedder_hash, db.dim) != (first.embedder_name, first.embedder_hash, first.dim):
+            raise StyleDBError(f"cannot merge '{db.name}' ({db.embedder_name}/{db.embedder_hash}) with "
+                               f"'{first.name}' ({first.embedder_name}/{first.embedder_hash}): different embedders")
+    roots = {db.source_root() for db in dbs}
+    root = first.source_root()
+    rows, embs, norms = [], [], []
+    for db in dbs:
+        for r in db.metadata:
+            r = dict(r)
+            if len(roots) > 1 and not os.path.isabs(r["path"]):
+                r["path"] = os.path.join(db.source_root(), r["path"]).replace(os.sep, "/")
+            rows.append(r)
+        embs.append(np.asarray(db.embeddings, dtype=np.float16))
+        norms.append(db.norms if db.norms is not None else np.ones(db.count, np.float32))
+    if len(roots) > 1:
+        root = ""
+    emb16, nrm, rows, dups = dedup_sorted(np.concatenate(embs), np.concatenate(norms), rows)
+    skipped = sorted((s for db in dbs for s in db.manifest.get("skipped", [])), key=lambda s: s["path"])
+    dups = sorted([d for db in dbs for d in db.manifest.get("duplicates", [])] + dups, key=lambda d: d["path"])
+    info = {"name": first.embedder_name, "weights_hash": first.embedder_hash, "dim": first.dim}
+    write_db(out, emb16, nrm, rows, info, source_root=root, skipped=skipped, duplicates=dups, index=index)
+    return {"path": os.path.abspath(out), "count": len(rows), "parts": len(dbs)}
+
+
+def add_to_db(db_path, source, embedder, metadata_file=None, batch_size=64, workers=None, prune=False,
+              index="auto", progress=None, log=print):
+    """Add a folder's new or changed images to a database; images already in it (same content hash) are not
+    embedded again. ``prune`` drops rows whose file no longer exists under ``source``."""
+    db = load_db(db_path, load_index=False)
+    db.check_embedder(embedder)
+    source = os.path.abspath(source)
+    root = db.source_root() or source
+    files, _ = scan_folder(source)
+    table = load_metadata_table(metadata_file)
+    known_hash = {r["sha256"] for r in db.metadata}
+    by_path = {r["path"]: i for i, r in enumerate(db.metadata)}
+
+    def stored_path(rel):
+        return os.path.relpath(os.path.join(source, rel), root).replace(os.sep, "/")
+
+    new, replaced, unchanged = [], set(), 0
+    for rel in files:
+        try:
+            with open(os.path.join(source, rel), "rb") as f:
+                h = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            new.append(rel)  # listed as skipped by the reader below
+            continue
+        sp = stored_path(rel)
+        if h in known_hash:
+            unchanged += 1
+            continue
+        if sp in by_path:
+            replaced.add(by_path[sp])
+        new.append(rel)
+    workers = workers or min(8, (os.cpu_count() or 2))
+    emb, rows, skipped = _embed_files(source, new, embedder, max(1, int(batch_size)), workers, progress, table,
+                                      0, len(new))
+    for r in rows:
+        r["path"] = stored_path(r["path"])
+    for s in skipped:
+        s["path"] = stored_path(s["path"])
+    keep = [i for i in range(db.count) if i not in replaced]
+    if prune:
+        present = {stored_path(rel) for rel in files}
+        keep = [i for i in keep if db.metadata[i]["path"] in present]
+    new16, new_norms = normalise16(emb)
+    old16 = np.asarray(db.embeddings[keep], dtype=np.float16).reshape(len(keep), db.dim)
+    old_norms = (db.norms[keep] if db.norms is not None else np.ones(len(keep), np.float32))
+    all16 = np.concatenate([old16, new16])
+    all_norms = np.concatenate([old_norms, new_norms])
+    all_rows = [db.metadata[i] for i in keep] + rows
+    all16, all_norms, all_rows, dups = dedup_sorted(all16, all_norms, all_rows)
+    old_skipped = [s for s in db.manifest.get("skipped", []) if s["path"] not in {stored_path(f) for f in new}]
+    skipped_all = sorted(old_skipped + skipped, key=lambda s: s["path"])
+    dups = sorted(db.manifest.get("duplicates", []) + dups, key=lambda d: d["path"])
+    write_db(db_path, all16, all_norms, all_rows, embedder_info(embedder), source_root=root, skipped=skipped_all,
+             duplicates=dups, index=index)
+    summary = {"path": os.path.abspath(db_path), "count": len(all_rows), "embedded": len(rows),
+               "unchanged": unchanged, "replaced": len(replaced), "pruned": db.count - len(replaced) - len(keep)
+               if prune else 0, "skipped": skipped}
+    log(f"added {len(rows)} image(s), {unchanged} already embedded, {len(replaced)} changed, "
+        f"{len(skipped)} unreadable; database now has {len(all_rows)}")
+    return summary

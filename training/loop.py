@@ -165,6 +165,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
         self.ema = EMA(self.flat_params(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         self._stop = threading.Event()
+        self._context_cache = {}
 
     # -- parameters
     def flat_params(self) -> dict[str, torch.nn.Parameter]:
@@ -198,8 +199,15 @@ class Trainer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         te_trains = "te" in self.params  # both stages train the text encoder when it has LoRA
         with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            with torch.set_grad_enabled(te_trains):
+            if te_trains:
                 context = self.encode_fn(captions)
+            else:  # frozen text encoder: encode each caption once (same values, one CLIP pass saved per step)
+                missing = [c for c in dict.fromkeys(captions) if c not in self._context_cache]
+                if missing:
+                    with torch.no_grad():
+                        for c, z in zip(missing, self.encode_fn(missing)):
+                            self._context_cache[c] = z
+                context = torch.stack([self._context_cache[c] for c in captions])
             x_t, target = self.schedule.noisy_and_target(x0, noise, t)
             pred = self.unet_fn(x_t, t, context)
             loss = F.mse_loss(pred.float(), target.float())

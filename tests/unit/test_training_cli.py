@@ -95,3 +95,25 @@ def test_small_images_refused_with_clear_error(folder):
     with pytest.raises(SystemExit, match="smaller than the training resolution 128x128"):
         fa.run(fa.resolve_config(["--data", str(folder / "data"), "--checkpoint", str(folder / "base.safetensors"),
                                   "--output", str(folder / "o"), "--resolution", "128"]), backend_factory=ToyBackend)
+
+
+def test_clip_filter_through_the_cli_with_the_pack_embedder(folder, capsys):
+    """--clip-filter goes through retrieval.embedder (the ATELIER_CLIP contract) and reports what it drops."""
+    from retrieval.testing import make_tiny_open_clip
+
+    name, weights = make_tiny_open_clip(folder / "clip.safetensors")
+    base = ["--data", str(folder / "data"), "--checkpoint", str(folder / "base.safetensors"), "--resolution", "64",
+            "--no-progress", "--steps", "1", "--clip-filter", "--clip-model", name, "--clip-weights", str(weights),
+            "--device", "cpu"]
+    with pytest.raises(SystemExit, match="dropped every image"):
+        fa.run(fa.resolve_config(base + ["--output", str(folder / "all"), "--clip-threshold", "1.01"]),
+               backend_factory=ToyBackend)
+    report = json.loads((folder / "all" / "clip_filter_dropped.json").read_text())
+    assert len(report) == 3 and all(r["score"] < 1.01 for r in report)
+    scores = sorted(r["score"] for r in report)
+    mid = (scores[0] + scores[1]) / 2  # drops exactly the lowest-scoring pair
+    assert fa.run(fa.resolve_config(base + ["--output", str(folder / "mid"), "--clip-threshold", str(mid)]),
+                  backend_factory=ToyBackend) == 0
+    dropped = json.loads((folder / "mid" / "clip_filter_dropped.json").read_text())
+    assert [r["score"] for r in dropped] == [scores[0]]
+    assert "kept 2, dropped 1" in capsys.readouterr().out

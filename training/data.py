@@ -5,9 +5,7 @@ everything here is tested without ComfyUI.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import math
 import os
 import re
@@ -43,33 +41,19 @@ class ScanResult:
 
 
 # ---------------------------------------------------------------- names and captions
-_YEAR_RE = re.compile(r"-(\d{4})(?:-\d+)?$")
+try:  # one WikiArt parser for the pack: the style databases use the same artist/style names
+    from ..retrieval.build import load_metadata_table, parse_wikiart, row_metadata
+except ImportError:  # training/ imported as a top-level package (tests, the CLI run as a script)
+    from retrieval.build import load_metadata_table, parse_wikiart, row_metadata
 
 
-def _unslug(s: str) -> str:
-    words = [w for w in re.split(r"[-_]+", s) if w]
-    return " ".join(w if w.isupper() else w[:1].upper() + w[1:] for w in words)
+def parse_wikiart_name(path: str, root: str) -> dict:
+    """``root/Impressionism/claude-monet_water-lilies-1916.jpg`` → artist, style, title, year, genre.
 
-
-def parse_wikiart_name(path: str, root: str | None = None) -> dict:
-    """``Impressionism/claude-monet_water-lilies-1916.jpg`` → artist, style, title, year (str, '' if absent).
-
-    WikiArt stores one folder per style and ``artist-slug_title-slug[-year].ext``; files that do not follow
-    that layout still get a title from their name and no artist.
+    WikiArt stores one folder per style and ``artist-slug_title-slug-year.ext``; other names still get a
+    title, and no artist. (The parsing itself is retrieval.build's, shared with the style databases.)
     """
-    stem = os.path.splitext(os.path.basename(path))[0]
-    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    if root is not None and os.path.abspath(os.path.dirname(path)) == os.path.abspath(root):
-        parent = ""
-    artist, sep, rest = stem.partition("_")
-    if not sep:
-        artist, rest = "", stem
-    year = ""
-    m = _YEAR_RE.search(rest)
-    if m:
-        year, rest = m.group(1), rest[: m.start()]
-    return {"artist": _unslug(artist), "style": _unslug(parent), "title": _unslug(rest), "year": year,
-            "genre": ""}
+    return parse_wikiart(os.path.relpath(path, root).replace(os.sep, "/"))
 
 
 def fill_template(template: str, meta: dict) -> str:
@@ -100,24 +84,6 @@ def build_caption(meta: dict, sidecar: str | None, mode: str, template: str, tri
     return text
 
 
-def _read_metadata_file(path: str) -> dict[str, dict]:
-    """CSV (header with a ``path`` column) or JSONL (one object with ``path`` per line) → relpath → fields."""
-    out = {}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                rows = [json.loads(line) for line in f if line.strip()]
-            else:
-                rows = list(csv.DictReader(f))
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read metadata file {path}: {e}") from e
-    for row in rows:
-        if "path" not in row:
-            raise DataError(f"metadata file {path} needs a 'path' column (image path relative to the data folder)")
-        out[os.path.normpath(row["path"])] = {k: v for k, v in row.items() if k != "path" and v not in (None, "")}
-    return out
-
-
 def file_hash(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -144,7 +110,10 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
         os.listdir(root)
     except OSError as e:
         raise DataError(f"cannot read data folder {root!r}: {e}") from e
-    extra = _read_metadata_file(metadata_file) if metadata_file else {}
+    try:
+        table = load_metadata_table(metadata_file)
+    except (OSError, ValueError) as e:  # StyleDBError is a ValueError
+        raise DataError(f"cannot use metadata file {metadata_file}: {e}") from e
     paths = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: (_ for _ in ()).throw(
             DataError(f"cannot read {e.filename!r}: {e.strerror}"))):
@@ -172,8 +141,7 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
             else:
                 skipped.append((p, f"smaller than {resolution}x{resolution} ({w}x{h})"))
             continue
-        meta = parse_wikiart_name(p, root)
-        meta.update(extra.get(rel, {}))
+        meta = row_metadata(rel.replace(os.sep, "/"), table)  # WikiArt name + metadata-file columns
         if artist:
             meta["artist"] = artist
         sidecar_path = os.path.splitext(p)[0] + ".txt"
@@ -184,7 +152,6 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
         elif caption_mode == "sidecar":
             skipped.append((p, f"no caption file {os.path.basename(sidecar_path)} (caption mode 'sidecar')"))
             continue
-        meta["path"] = rel
         samples.append(Sample(p, build_caption(meta, sidecar, caption_mode, template, trigger), meta, w, h,
                               file_hash(p)))
     if small:

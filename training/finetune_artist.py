@@ -24,7 +24,7 @@ if not __package__:  # run as a script: make the package importable (PEP 366)
     __package__ = "training"
 
 from .data import (CAPTION_MODES, DEFAULT_TEMPLATE, BucketBatchSampler, DataError, assign_buckets,  # noqa: E402
-                   atomic_write, cache_latents, clip_filter, scan_folder)
+                   atomic_write, cache_latents, clip_filter, file_hash, scan_folder)
 
 DEFAULTS = {
     "data": None, "checkpoint": None, "output": "artist_out", "output_name": "", "comfyui": None,
@@ -307,7 +307,7 @@ def run(cfg: dict, backend_factory=None) -> int:
         if trainer.ema is not None:
             trainer.ema.copy_to(trainer.flat_params())
         export = cfg["export"] if cfg["export"] != "auto" else ("lora" if cfg["method"] == "lora" else "checkpoint")
-        base_hash = kohya.sha256_file(cfg["checkpoint"])
+        base_hash = file_hash(cfg["checkpoint"])
         md_args = dict(cfg, lr_unet=cfg["lr"], mixed_precision=mp, num_processes=world)
         common = dict(artist=artist, styles=styles, trigger=cfg["trigger"], caption_template=cfg["caption_template"],
                       base_model_name=os.path.basename(cfg["checkpoint"]), base_model_hash=base_hash,

@@ -7,21 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 
 from .data import atomic_write
 
 ATELIER_FORMAT = "1"
 DEFAULT_PROMPT_TEMPLATE = "{trigger}, a painting by {artist}, {style}"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def legacy_model_hash(path: str) -> str:

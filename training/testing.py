@@ -5,6 +5,7 @@ They exist so the training core is exercised without ComfyUI or downloaded weigh
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 
@@ -13,6 +14,17 @@ from torch import nn
 
 from .lora import TEXT_ENCODER_TARGETS, inject_lora
 from .loop import NoiseSchedule, scaled_linear_alphas_cumprod
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Run with ``n`` torch threads: toy models are tiny, extra threads only fight other processes."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class _Attn(nn.Module):

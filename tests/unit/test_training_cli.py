@@ -8,16 +8,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from training import finetune_artist as fa
-from training.testing import ToyBackend
+from training.testing import ToyBackend, torch_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Toy models are tiny: extra threads only fight the other processes on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def test_help_documents_every_flag():

@@ -6,16 +6,13 @@ import torch
 from PIL import Image
 
 from training import data as D
+from training.testing import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Toy models are tiny: extra threads only fight the other processes on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+    with torch_threads(1):
+        yield
 
 
 def _img(path, w, h, seed=0):
@@ -29,14 +26,14 @@ def _img(path, w, h, seed=0):
 @pytest.mark.parametrize("rel, expected", [
     ("Impressionism/claude-monet_water-lilies-1916.jpg",
      {"artist": "Claude Monet", "style": "Impressionism", "title": "Water Lilies", "year": "1916"}),
-    ("Baroque/rembrandt_self-portrait-1659-1.jpg",
+    ("Baroque/rembrandt_self-portrait-1659.jpg",
      {"artist": "Rembrandt", "style": "Baroque", "title": "Self Portrait", "year": "1659"}),
     ("Post_Impressionism/vincent-van-gogh_the-starry-night.jpg",
      {"artist": "Vincent Van Gogh", "style": "Post Impressionism", "title": "The Starry Night", "year": ""}),
     ("Cubism/holiday.png", {"artist": "", "style": "Cubism", "title": "Holiday", "year": ""}),
 ])
 def test_parse_wikiart_name(rel, expected):
-    got = D.parse_wikiart_name(os.path.join("/data", rel))
+    got = D.parse_wikiart_name(os.path.join("/data", rel), "/data")
     assert {k: got[k] for k in expected} == expected
 
 

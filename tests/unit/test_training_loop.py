@@ -5,20 +5,15 @@ import signal
 import pytest
 import torch
 
-from training.data import BucketBatchSampler
-from training.lora import TEXT_ENCODER_TARGETS, inject_lora
-from training.loop import (CheckpointError, NoiseSchedule, TrainConfig, Trainer, enable_gradient_checkpointing,
+from training.loop import (CheckpointError, NoiseSchedule, TrainConfig, enable_gradient_checkpointing,
                            latest_checkpoint, scaled_linear_alphas_cumprod)
-from training.testing import CAPTIONS, ddp_worker, make_toy_trainer as make_trainer
+from training.testing import CAPTIONS, ddp_worker, make_toy_trainer as make_trainer, torch_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Toy models are tiny: extra threads only fight the other processes on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 

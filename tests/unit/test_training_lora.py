@@ -7,16 +7,13 @@ from safetensors import safe_open
 from training import kohya
 from training.lora import (LoRAModule, TEXT_ENCODER_TARGETS, inject_lora, kohya_key, load_lora_state_dict,
                            lora_state_dict, remove_lora, wrap_module)
-from training.testing import ToyTextEncoder, ToyUNet
+from training.testing import ToyTextEncoder, ToyUNet, torch_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Toy models are tiny: extra threads only fight the other processes on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 

@@ -361,7 +361,12 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         text = json.dumps(cfg, indent=1, sort_keys=True, default=str)
         _write_text(os.path.join(cfg["output"], "config.json"), text)
-    code = run(cfg)
+    try:
+        code = run(cfg)
+    except KeyboardInterrupt:  # before the training loop owns Ctrl-C (loading, caching): nothing to save yet
+        print("\ninterrupted before training started; cached latents are kept, nothing else was written",
+              file=sys.stderr)
+        code = 130
     try:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():

@@ -192,7 +192,7 @@ def run(cfg: dict, backend_factory=None) -> int:
 
     from . import kohya
     from .loop import TrainConfig, Trainer, enable_gradient_checkpointing, latest_checkpoint
-    from .lora import lora_parameters, lora_state_dict, remove_lora
+    from .lora import lora_state_dict, remove_lora
 
     started = time.time()
     rank, world = _init_distributed()
@@ -272,7 +272,6 @@ def run(cfg: dict, backend_factory=None) -> int:
         if "lora_te" in groups:
             params["te"] = {f"{p}.{n}": t for p, m in sorted(groups["lora_te"].items())
                             for n, t in (("down", m.lora_down.weight), ("up", m.lora_up.weight))}
-        assert len(lora_parameters(groups["lora_unet"])) == len(params["unet"])
     else:
         params["unet"] = dict(backend.unet.named_parameters())
         if cfg["train_text_encoder"]:

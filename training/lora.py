@@ -164,11 +164,3 @@ def load_lora_state_dict(groups: dict[str, dict[str, LoRAModule]], sd: dict[str,
     extra = sorted(set(sd) - expected)
     if extra:
         raise KeyError(f"{len(extra)} LoRA keys match no module here, e.g. {extra[:3]}")
-
-
-def lora_parameters(modules: dict[str, LoRAModule]) -> list[nn.Parameter]:
-    """Trainable factors in a stable order (names sorted) so optimizer state lines up on resume."""
-    params = []
-    for path in sorted(modules):
-        params += [modules[path].lora_down.weight, modules[path].lora_up.weight]
-    return params

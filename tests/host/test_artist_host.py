@@ -178,3 +178,33 @@ def test_cli_refuses_bad_inputs(comfy_server, trained, tmp_path):
                    "--resolution", 64, check=False)
     assert proc.returncode != 0 and "could not load" in proc.stderr and "not_sd1.safetensors" in proc.stderr
     assert not list((tmp_path / "o2").glob("*.safetensors"))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(comfy_server, trained, tmp_path):
+    """A real SIGINT to the CLI mid-training: exit code 130, a resumable checkpoint, --resume completes."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [str(comfy_server.python), str(ROOT / "training" / "finetune_artist.py"), "--data", str(trained["data"]),
+            "--checkpoint", str(trained["base"]), "--output", str(out), "--resolution", "64", "--no-progress",
+            "--checkpoint-every", "1", "--keep-checkpoints", "0"]
+    env = dict(os.environ, COMFYUI_PATH=str(comfy_server.comfyui_path))
+    proc = subprocess.Popen(args + ["--steps", "200"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 900
+    while not (out / "checkpoints" / "step-000001").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 130, text
+    assert "interrupted at step" in text and "--resume" in text
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert steps and all(not p.startswith(".tmp") for p in steps)
+    stopped_at = int(steps[-1].split("-")[1])
+    assert 1 <= stopped_at < 200
+    assert not (out / LORA).exists()  # no export from an interrupted run
+    done = run_cli(comfy_server, *args[2:], "--steps", stopped_at + 1, "--resume")
+    assert f"resumed from {out / 'checkpoints' / steps[-1]} at step {stopped_at}" in done.stdout
+    assert (out / LORA).is_file()

@@ -350,7 +350,8 @@ class AtelierStyleRetriever:
             raise ValueError("Style Retriever: give a text query, an image, or both")
         q = torch.nn.functional.normalize(q, dim=0)
         filters = Filters(artist.strip(), style.strip(), genre.strip(), _year(year_min), _year(year_max))
-        neighbors = style_db.neighbors(q.numpy(), k, filters)
+        device = clip.device if getattr(clip.device, "type", "cpu") == "cuda" else None  # GPU: exact search there
+        neighbors = style_db.neighbors(q.numpy(), k, filters, device=device)
         images, missing = preview_batch([m["path"] for m in neighbors.metadata], preview_size)
         text_report = report(neighbors, style_db.name, " + ".join(desc), missing)
         if filters.active():

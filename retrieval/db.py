@@ -104,6 +104,7 @@ class StyleDB:
         self.metadata = metadata
         self.index = index
         self._dense = None
+        self._torch = None
         self._columns = None
 
     # -- identity ----------------------------------------------------------------------------------------------
@@ -204,11 +205,13 @@ class StyleDB:
             self._dense = np.ascontiguousarray(self.embeddings, dtype=np.float32)
         return self._dense
 
-    def search(self, queries, k=DEFAULT_K, filters=None, exact=None):
+    def search(self, queries, k=DEFAULT_K, filters=None, exact=None, device=None):
         """Top-k rows by cosine for L2-normalised queries [q, dim] (or [dim]).
 
-        Exact matrix product by default; the FAISS IVF index when the database has one and ``exact`` is not
-        True. Filters restrict the candidates; a filter matching nothing gives an empty result with a reason.
+        Exact matrix product by default (numpy; torch on ``device`` when one is given, e.g. the CLIP's CUDA
+        device: the float16 embeddings are kept there); the FAISS IVF index when the database has one and
+        ``exact`` is not True. Filters restrict the candidates; a filter matching nothing gives an empty
+        result with a reason.
         """
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
@@ -235,14 +238,33 @@ class StyleDB:
             method = "faiss-ivf"
         else:
             rows = None if mask is None else np.flatnonzero(mask)
-            idx, sc = self._search_exact(q, k, rows)
-            method = "exact"
+            if device is not None:
+                idx, sc = self._search_torch(q, k, rows, device)
+                method = f"exact-torch-{device}"
+            else:
+                idx, sc = self._search_exact(q, k, rows)
+                method = "exact"
         return SearchResult(idx, sc, "; ".join(reasons), {"method": method, "candidates": n_cand})
 
     def _search_exact(self, q, k, rows=None):
         base = self.dense() if rows is None else np.asarray(self.embeddings[rows], dtype=np.float32)
         scores = q @ base.T
         return topk(scores, k, rows)
+
+    def _search_torch(self, q, k, rows, device):
+        import torch
+
+        device = torch.device(device)
+        if self._torch is None or self._torch[0] != device:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+            self._torch = (device, torch.from_numpy(np.array(self.embeddings)).to(device, dtype))
+        base = self._torch[1]
+        if rows is not None:
+            base = base[torch.from_numpy(rows).to(device)]
+        scores = torch.from_numpy(q).to(device, base.dtype) @ base.T
+        sc, idx = torch.topk(scores.float(), k, dim=1)
+        idx = idx.cpu().numpy().astype(np.int64)
+        return (idx if rows is None else rows[idx]), sc.cpu().numpy().astype(np.float32)
 
     def _search_faiss(self, q, k, mask):
         import faiss
@@ -259,13 +281,13 @@ class StyleDB:
         scores, idx = self.index.search(np.ascontiguousarray(q), k, params=params)
         return idx.astype(np.int64), scores.astype(np.float32)
 
-    def neighbors(self, query, k=DEFAULT_K, filters=None):
+    def neighbors(self, query, k=DEFAULT_K, filters=None, device=None):
         """Search one query and wrap the result as ``Neighbors`` (the ATELIER_NEIGHBORS type)."""
         import torch
 
         from .neighbors import Neighbors
 
-        res = self.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k, filters)
+        res = self.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k, filters, device=device)
         rows = res.indices[0].tolist()
         emb = torch.from_numpy(np.asarray(self.embeddings[rows], dtype=np.float32).reshape(len(rows), self.dim))
         emb = torch.nn.functional.normalize(emb, dim=-1) if rows else emb
@@ -408,9 +430,12 @@ def _swap_into_place(tmp, path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+IVF_TRAIN_PER_LIST = 64  # k-means sample per list: FAISS wants >= 39; more costs minutes at 1M on 2 cores
+
+
 def ivf_nlist(count):
-    """About 4·sqrt(N) lists, at least 39 vectors per list for training (FAISS warns below that)."""
-    return max(1, min(int(4 * math.sqrt(count)), count // 39))
+    """About 2·sqrt(N) lists (2000 at 1M: ~500 vectors per list), with >= 39 training vectors per list."""
+    return max(1, min(int(2 * math.sqrt(count)), count // 39))
 
 
 def build_ivf(emb16, out_path, nprobe=None, k=DEFAULT_K, n_queries=200, seed=0):
@@ -428,7 +453,8 @@ def build_ivf(emb16, out_path, nprobe=None, k=DEFAULT_K, n_queries=200, seed=0):
     index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
                                           faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    train = x if n <= 256 * nlist else x[np.sort(rng.choice(n, 256 * nlist, replace=False))]
+    cap = IVF_TRAIN_PER_LIST * nlist
+    train = x if n <= cap else x[np.sort(rng.choice(n, cap, replace=False))]
     index.train(train)
     index.add(x)
     recall, nprobe_used = measure_recall(index, x, nprobe=nprobe, k=k, n_queries=n_queries, seed=seed)

@@ -188,6 +188,18 @@ def test_filters(built):
         db.search(np.ones(db.dim + 1, np.float32), 3)
 
 
+def test_torch_search_matches_numpy(built):
+    db = load_db(built)
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(3, db.dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    ref = db.search(q, 5, Filters(style="impressionism"))
+    got = db.search(q, 5, Filters(style="impressionism"), device="cpu")
+    assert got.info["method"] == "exact-torch-cpu"
+    assert np.array_equal(got.indices, ref.indices)
+    np.testing.assert_allclose(got.scores, ref.scores, atol=1e-5)
+
+
 def test_topk_against_full_sort():
     rng = np.random.default_rng(3)
     s = rng.normal(size=(4, 500)).astype(np.float32)

@@ -1,0 +1,110 @@
+"""Training speed and memory: LoRA rank 16, batch 1, with and without gradient checkpointing.
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/.venv/bin/python bench/bench_training.py \\
+        --checkpoint tiny_sd15.safetensors [--resolution 64] [--steps 5]
+
+Each configuration runs in its own process (so peak RSS is per configuration). Figures printed:
+it/s, peak process memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU) and the bytes autograd
+saves for backward in one step (what gradient checkpointing trades for recomputation). On a CPU the
+tiny random SD1.5 checkpoint is used (speed and memory of plumbing only); the real SD1.5 architecture
+at 512² is measured only on a GPU, with a full-size random checkpoint (make_random_sd15.py without --tiny).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.append(os.path.dirname(HERE))
+
+
+def worker(args):
+    import torch
+
+    from training.comfy_backend import SD1Backend
+    from training.data import BucketBatchSampler
+    from training.loop import TrainConfig, Trainer, enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    mp = "bf16" if cuda else "no"
+    backend = SD1Backend(args.checkpoint, device="cuda" if cuda else "cpu",
+                         weight_dtype=torch.bfloat16 if cuda else torch.float32)
+    groups = backend.inject(16, 16.0, "attention", False)
+    params = {"unet": {f"{p}.{n}": getattr(m, n).weight for p, m in groups["lora_unet"].items()
+                       for n in ("lora_down", "lora_up")}}
+    for p in params["unet"].values():
+        p.requires_grad_(True)
+    if args.gc:
+        enable_gradient_checkpointing(backend.checkpoint_modules())
+    r = args.resolution // 8
+    latents = [torch.randn(4, r, r)]
+    sampler = BucketBatchSampler([(args.resolution, args.resolution)], 1, 0)
+    tr = Trainer(TrainConfig(steps=10 ** 6, mixed_precision=mp), backend.unet_fn, backend.encode_fn, backend.schedule,
+                 params, latents, ["a painting by Claude Monet, Impressionism"], sampler, args.tmp,
+                 device=backend.device)
+
+    saved = [0]
+    weights = {p.untyped_storage().data_ptr() for m in (backend.unet, backend.te) for p in m.parameters()}
+
+    def pack(t):  # count activations only: frozen weights are also "saved", but they exist anyway
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tr.train_step()  # warm-up step, also measures what autograd keeps for backward
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        tr.train_step()
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"it_s": args.steps / dt, "peak_bytes": peak, "saved_bytes": saved[0],
+                      "device": torch.cuda.get_device_name() if cuda else "cpu",
+                      "threads": torch.get_num_threads()}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="SD1.x checkpoint (the tiny random one on a CPU)")
+    ap.add_argument("--resolution", type=int, default=None, help="image side; default 64 on CPU, 512 on GPU")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", default="/tmp/atelier_bench_training", help="scratch folder")
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    res = args.resolution or (512 if cuda else 64)
+    print(f"LoRA rank 16 (UNet attention layers), batch 1, {res}x{res}, "
+          f"{'bf16 autocast on ' + torch.cuda.get_device_name() if cuda else 'fp32 on CPU'}, "
+          f"checkpoint {os.path.basename(args.checkpoint)}")
+    print(f"{'gradient checkpointing':>24} {'it/s':>8} {'peak memory':>14} {'activations saved':>20}")
+    for gc in (False, True):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--checkpoint", args.checkpoint,
+               "--resolution", str(res), "--steps", str(args.steps), "--tmp", args.tmp] + (["--gc"] if gc else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+        if out.returncode or not line:
+            print(f"{str(gc):>24} failed:\n{out.stderr[-2000:]}")
+            continue
+        r = json.loads(line[-1])
+        print(f"{str(gc):>24} {r['it_s']:8.3f} {r['peak_bytes'] / 2**20:11.0f} MiB {r['saved_bytes'] / 2**20:17.1f} MiB")
+    if not cuda:
+        print("SD1.5 architecture at 512x512 on a GPU: not measured (no GPU lent)")
+
+
+if __name__ == "__main__":
+    main()

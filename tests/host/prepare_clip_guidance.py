@@ -1,0 +1,123 @@
+"""Model files for the CLIP-guidance workflows and host tests (random weights, written where users put them):
+
+- models/open_clip/atelier_cg_tiny.safetensors + its open_clip config (retrieval.testing's tiny ViT);
+- models/vae_approx/taesd_decoder.safetensors and taesd_encoder.safetensors (ComfyUI's TAESD classes), and a
+  16-channel taesd3 pair (a decoder of the wrong latent format, for the bad-input test);
+- models/vae/atelier_cg_random_sd_vae.safetensors (a full-size SD VAE with finite random weights: the tiny
+  checkpoint's own VAE is left uninitialised by the shared tool, so decoding through it gives NaN);
+- models/atelier_style_db/atelier_cg_tiny_db (12 generated paintings embedded with the tiny CLIP);
+- the SwinIR file the seed workflow names (issue 5's tiny writer when present, else a tiny spandrel SwinIR).
+
+The TAESD and VAE files are written by ComfyUI's own Python so the layouts are ComfyUI's, not copies.
+"""
+import os
+import pathlib
+import subprocess
+import textwrap
+
+CLIP_FILE = "atelier_cg_tiny.safetensors"
+VAE_FILE = "atelier_cg_random_sd_vae.safetensors"
+DB_NAME = "atelier_cg_tiny_db"
+SWINIR_FILE = "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"
+
+_COMFY_WRITER = textwrap.dedent("""
+    import sys, torch
+    out_approx, out_vae = sys.argv[1], sys.argv[2]
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options; comfy.options.enable_args_parsing()
+    from safetensors.torch import save_file
+    from comfy.taesd.taesd import Decoder, Encoder
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    def init(module):  # ComfyUI's layers skip weight init: give every tensor finite values
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if p.ndim > 1:
+                    torch.nn.init.kaiming_uniform_(p, a=5 ** 0.5)
+                    p.mul_(0.5)
+                elif "norm" in name and name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+        return module
+
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in init(Decoder(4)).state_dict().items()}, out_approx + "/taesd_decoder.safetensors")
+    save_file({k: v.contiguous() for k, v in init(Encoder(4)).state_dict().items()}, out_approx + "/taesd_encoder.safetensors")
+    # a 16-channel TAESD (SD3 layout): the wrong latent format for SD1.5, for the bad-input test
+    save_file({k: v.contiguous() for k, v in init(Decoder(16)).state_dict().items()}, out_approx + "/taesd3_decoder.safetensors")
+    save_file({k: v.contiguous() for k, v in init(Encoder(16)).state_dict().items()}, out_approx + "/taesd3_encoder.safetensors")
+    dd = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae = init(AutoencoderKL(ddconfig=dd, embed_dim=4))
+    save_file({k: v.contiguous().half() for k, v in vae.state_dict().items()}, out_vae)
+""")
+
+
+def _write_comfy_models(server, models):
+    approx, vae_dir = models / "vae_approx", models / "vae"
+    approx.mkdir(parents=True, exist_ok=True)
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    if (approx / "taesd_decoder.safetensors").exists() and (vae_dir / VAE_FILE).exists():
+        return
+    env = dict(os.environ, PYTHONPATH=str(server.comfyui_path))
+    proc = subprocess.run([str(server.python), "-c", _COMFY_WRITER, str(approx), str(vae_dir / VAE_FILE)],
+                          cwd=server.comfyui_path, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError("writing the random TAESD/VAE files failed:\n" + proc.stderr[-3000:])
+
+
+def _write_swinir(models):
+    folder = models / "upscale_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SWINIR_FILE
+    if path.exists():
+        return
+    try:
+        from upscale.tiny import write_tiny_swinir  # issue 5's writer, when merged
+    except ImportError:
+        import torch
+        from spandrel.architectures.SwinIR import SwinIR
+
+        torch.manual_seed(0)
+        net = SwinIR(img_size=16, embed_dim=12, depths=[1], num_heads=[2], window_size=4, mlp_ratio=2.0,
+                     upscale=4, upsampler="nearest+conv", resi_connection="1conv")
+        tmp = path.with_suffix(".part")
+        torch.save({"params_ema": net.state_dict()}, tmp)
+        os.replace(tmp, path)
+    else:
+        write_tiny_swinir(path, scale=4)
+
+
+def _write_clip_and_db(models):
+    from retrieval.build import build_db
+    from retrieval.embedder import OpenClipEmbedder
+    from retrieval.testing import TINY_NAME, make_tiny_open_clip, make_wikiart_folder
+
+    clip_dir = models / "open_clip"
+    weights = clip_dir / CLIP_FILE
+    name, weights = make_tiny_open_clip(weights, config_dir=clip_dir)
+    db = models / "atelier_style_db" / DB_NAME
+    if not (db / "manifest.json").exists():
+        images = models.parent / "cg_tiny_paintings"
+        make_wikiart_folder(images, n=12)
+        build_db(str(images), str(db), OpenClipEmbedder(name, str(weights), device="cpu"))
+    return TINY_NAME
+
+
+def prepare(server):
+    models = pathlib.Path(server.base_dir) / "models"
+    arch = _write_clip_and_db(models)
+    _write_comfy_models(server, models)
+    _write_swinir(models)
+    small = {"cutn": 2, "cut_batches": 1}
+    return {
+        "clip_guided_swinir.json": {
+            "14.weights": CLIP_FILE, "14.architecture": arch, "3.steps": 2,
+            **{f"3.{k}": v for k, v in small.items()},
+        },
+        "clip_guided_style.json": {
+            "5.weights": CLIP_FILE, "5.architecture": arch, "6.db_name": f"{DB_NAME}/manifest.json",
+            "12.steps": 2, "7.k": 4, **{f"9.{k}": v for k, v in small.items()},
+        },
+    }

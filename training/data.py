@@ -1,0 +1,341 @@
+"""Training data: folder walk, WikiArt names, captions, CLIP filter, aspect buckets, cached latents, batches.
+
+Pure (PIL + torch + safetensors). The VAE and the CLIP embedder come in as plain callables/objects, so
+everything here is tested without ComfyUI.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+DEFAULT_TEMPLATE = "a {genre} painting by {artist}, {style}, {year}"
+CAPTION_MODES = ("template", "sidecar", "both")
+
+
+class DataError(ValueError):
+    """Bad training data: the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class Sample:
+    path: str
+    caption: str
+    meta: dict
+    width: int
+    height: int
+    content_hash: str
+    bucket: tuple[int, int] | None = None
+
+
+@dataclass
+class ScanResult:
+    samples: list[Sample]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+# ---------------------------------------------------------------- names and captions
+try:  # one WikiArt parser for the pack: the style databases use the same artist/style names
+    from ..retrieval.build import load_metadata_table, parse_wikiart, row_metadata
+except ImportError:  # training/ imported as a top-level package (tests, the CLI run as a script)
+    from retrieval.build import load_metadata_table, parse_wikiart, row_metadata
+
+
+def parse_wikiart_name(path: str, root: str) -> dict:
+    """``root/Impressionism/claude-monet_water-lilies-1916.jpg`` → artist, style, title, year, genre.
+
+    WikiArt stores one folder per style and ``artist-slug_title-slug-year.ext``; other names still get a
+    title, and no artist. (The parsing itself is retrieval.build's, shared with the style databases.)
+    """
+    return parse_wikiart(os.path.relpath(path, root).replace(os.sep, "/"))
+
+
+def fill_template(template: str, meta: dict) -> str:
+    """Format ``template`` with ``meta``; empty fields vanish cleanly ("a  painting" → "a painting")."""
+    fields = {k: str(v) if v is not None else "" for k, v in meta.items()}
+    for name in re.findall(r"{(\w+)}", template):
+        fields.setdefault(name, "")
+    text = template.format(**fields)
+    text = re.sub(r"\b(by|in|from)\s*(?=,|$)", "", text)  # "by ," when the artist is unknown
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"(\s*,\s*)+", ", ", text)          # collapse empty comma slots
+    text = re.sub(r"\s+([,.;:])", r"\1", text)
+    return text.strip(" ,;")
+
+
+def build_caption(meta: dict, sidecar: str | None, mode: str, template: str, trigger: str = "") -> str:
+    """Caption for one image: template over metadata, sidecar text, or template then sidecar text."""
+    if mode not in CAPTION_MODES:
+        raise DataError(f"caption mode must be one of {CAPTION_MODES}, got {mode!r}")
+    parts = []
+    if mode in ("template", "both"):
+        parts.append(fill_template(template, meta))
+    if mode in ("sidecar", "both") and sidecar:
+        parts.append(sidecar.strip())
+    text = ", ".join(p for p in parts if p)
+    if trigger:
+        text = f"{trigger}, {text}" if text else trigger
+    return text
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def scan_folder(root: str, resolution: int, caption_mode: str = "both", template: str = DEFAULT_TEMPLATE,
+                trigger: str = "", artist: str = "", small_images: str = "error",
+                metadata_file: str | None = None) -> ScanResult:
+    """Walk ``root`` for images, parse names, build captions, check sizes.
+
+    ``small_images``: images with fewer pixels than ``resolution``² would be upscaled to fill their bucket;
+    "error" refuses them (listing them), "skip" leaves them out (reported), "upscale" keeps them.
+    """
+    from PIL import Image
+
+    if small_images not in ("error", "skip", "upscale"):
+        raise DataError(f"small_images must be error, skip or upscale, got {small_images!r}")
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist or is not a folder")
+    try:
+        os.listdir(root)
+    except OSError as e:
+        raise DataError(f"cannot read data folder {root!r}: {e}") from e
+    try:
+        table = load_metadata_table(metadata_file)
+    except (OSError, ValueError) as e:  # StyleDBError is a ValueError
+        raise DataError(f"cannot use metadata file {metadata_file}: {e}") from e
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: (_ for _ in ()).throw(
+            DataError(f"cannot read {e.filename!r}: {e.strerror}"))):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            if fn.lower().endswith(IMAGE_EXTS) and not fn.startswith("."):
+                paths.append(os.path.join(dirpath, fn))
+    if not paths:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root!r}; put one artist's paintings "
+                        "there (WikiArt layout Style/artist-name_title-year.jpg or any folder)")
+    samples, skipped, small = [], [], []
+    for p in paths:
+        rel = os.path.normpath(os.path.relpath(p, root))
+        try:
+            with Image.open(p) as im:
+                im.verify()
+            with Image.open(p) as im:
+                w, h = im.size
+        except Exception as e:  # PIL raises many types for broken files
+            skipped.append((p, f"unreadable image: {e}"))
+            continue
+        if w * h < resolution * resolution and small_images != "upscale":
+            if small_images == "error":
+                small.append(f"{rel} ({w}x{h})")
+            else:
+                skipped.append((p, f"smaller than {resolution}x{resolution} ({w}x{h})"))
+            continue
+        meta = row_metadata(rel.replace(os.sep, "/"), table)  # WikiArt name + metadata-file columns
+        if artist:
+            meta["artist"] = artist
+        sidecar_path = os.path.splitext(p)[0] + ".txt"
+        sidecar = None
+        if os.path.exists(sidecar_path):
+            with open(sidecar_path, encoding="utf-8") as f:
+                sidecar = f.read()
+        elif caption_mode == "sidecar":
+            skipped.append((p, f"no caption file {os.path.basename(sidecar_path)} (caption mode 'sidecar')"))
+            continue
+        samples.append(Sample(p, build_caption(meta, sidecar, caption_mode, template, trigger), meta, w, h,
+                              file_hash(p)))
+    if small:
+        raise DataError(f"{len(small)} image(s) are smaller than the training resolution {resolution}x{resolution}: "
+                        f"{', '.join(small[:5])}{' ...' if len(small) > 5 else ''}. Use larger images, a lower "
+                        "--resolution, or --small-images skip / upscale")
+    if not samples:
+        reasons = "; ".join(f"{os.path.basename(p)}: {r}" for p, r in skipped[:5])
+        raise DataError(f"no usable images under {root!r} ({len(skipped)} skipped: {reasons})")
+    return ScanResult(samples, skipped)
+
+
+# ---------------------------------------------------------------- images
+def load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """RGB float tensor [3, H, W] in [0, 1], resized to cover ``size`` (w, h) then centre-cropped."""
+    from PIL import Image, ImageOps
+
+    w, h = size
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        scale = max(w / im.width, h / im.height)
+        nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - w) // 2, (nh - h) // 2
+        im = im.crop((left, top, left + w, top + h))
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return data.view(h, w, 3).permute(2, 0, 1).float() / 255.0
+
+
+# ---------------------------------------------------------------- CLIP filter
+def clip_filter(samples: list[Sample], embedder, threshold: float = 0.2, batch_size: int = 16):
+    """Drop image–caption pairs whose CLIP cosine similarity is below ``threshold`` (seed 001 uses 0.2).
+
+    ``embedder`` follows the ATELIER_CLIP contract (``encode_text``, ``encode_image``, ``image_size``).
+    Returns (kept, dropped) where dropped is a list of (sample, score).
+    """
+    kept, dropped = [], []
+    size = int(embedder.image_size)
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        images = torch.stack([load_image(s.path, (size, size)) for s in chunk])
+        img = embedder.encode_image(images).float()
+        txt = embedder.encode_text([s.caption for s in chunk]).float()
+        scores = (img * txt).sum(-1).tolist()
+        for s, score in zip(chunk, scores):
+            if score >= threshold:
+                kept.append(s)
+            else:
+                dropped.append((s, score))
+    return kept, dropped
+
+
+# ---------------------------------------------------------------- aspect buckets
+def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(w, h) pairs, multiples of ``step``, area at most ``resolution``², aspect within ``max_ratio``."""
+    if resolution % step:
+        raise DataError(f"resolution {resolution} must be a multiple of {step}")
+    area = resolution * resolution
+    buckets = set()
+    w = step
+    while w <= resolution * max_ratio:
+        h = (area // w) // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            buckets.add((w, h))
+        w += step
+    buckets.add((resolution, resolution))
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """Bucket whose aspect ratio is closest in log space (ties → larger area)."""
+    r = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - r), -b[0] * b[1]))
+
+
+def assign_buckets(samples: list[Sample], resolution: int, use_buckets: bool = True, step: int = 64,
+                   max_ratio: float = 2.0) -> None:
+    buckets = make_buckets(resolution, step, max_ratio) if use_buckets else [(resolution, resolution)]
+    for s in samples:
+        s.bucket = nearest_bucket(s.width, s.height, buckets)
+
+
+# ---------------------------------------------------------------- latent cache
+def latent_cache_key(content_hash: str, vae_hash: str, bucket: tuple[int, int]) -> str:
+    return hashlib.sha256(f"{content_hash}|{vae_hash}|{bucket[0]}x{bucket[1]}".encode()).hexdigest()[:32]
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """Write through a temp file in the same folder, fsync, rename; on any error the temp file is removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def cache_latents(samples: list[Sample], encode_fn, cache_dir: str, vae_hash: str, progress=None) -> list[torch.Tensor]:
+    """Latent per sample, read from ``cache_dir`` or computed with ``encode_fn(images[B,3,H,W]) → latents``.
+
+    Files are keyed by image content hash + VAE hash + bucket, so renaming images keeps the cache and
+    changing the VAE or resolution does not reuse stale latents.
+    """
+    from safetensors.torch import load_file, save_file
+
+    out = []
+    for s in samples:
+        path = os.path.join(cache_dir, latent_cache_key(s.content_hash, vae_hash, s.bucket) + ".safetensors")
+        lat = None
+        if os.path.exists(path):
+            try:
+                lat = load_file(path)["latent"]
+            except Exception:
+                lat = None  # damaged cache file: recompute
+        if lat is None:
+            img = load_image(s.path, s.bucket).unsqueeze(0)
+            lat = encode_fn(img)[0].detach().float().cpu().contiguous()
+            if not torch.isfinite(lat).all():
+                raise DataError(f"the VAE produced non-finite latents for {s.path}: the checkpoint's VAE is broken")
+            atomic_write(path, lambda tmp: save_file({"latent": lat}, tmp, metadata={"source": s.meta.get("path", ""),
+                                                                                      "bucket": f"{s.bucket[0]}x{s.bucket[1]}"}))
+        out.append(lat)
+        if progress is not None:
+            progress(1)
+    return out
+
+
+# ---------------------------------------------------------------- batches
+class BucketBatchSampler:
+    """Deterministic global batches from one bucket at a time, sharded over ranks.
+
+    Epoch e shuffles with seed+e; a bucket's last incomplete batch is filled by cycling that bucket, so no
+    image is dropped and every rank gets the same number of items. Rank r takes slice r of each global batch,
+    so 2 ranks × batch B see exactly the items of 1 rank × batch 2B.
+    """
+
+    def __init__(self, buckets: list, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.keys = list(buckets)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.global_batch = batch_size * world_size
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + 1000003 * epoch)
+        groups = {}
+        for i, b in enumerate(self.keys):
+            groups.setdefault(tuple(b) if b is not None else None, []).append(i)
+        batches = []
+        for key in sorted(groups, key=str):
+            idx = groups[key]
+            idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            n = math.ceil(len(idx) / self.global_batch) * self.global_batch
+            idx = [idx[j % len(idx)] for j in range(n)]
+            batches += [idx[j:j + self.global_batch] for j in range(0, n, self.global_batch)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[o] for o in order]
+
+    def local(self, global_batch: list[int]) -> list[int]:
+        return global_batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def batches_per_epoch(self) -> int:
+        counts = {}
+        for b in self.keys:
+            counts[tuple(b) if b is not None else None] = counts.get(tuple(b) if b is not None else None, 0) + 1
+        return sum(math.ceil(c / self.global_batch) for c in counts.values())
+
+    def batch_at(self, step: int) -> tuple[list[int], int]:
+        """(global batch for optimisation step ``step``, epoch) — a pure function of step, so resume is exact."""
+        epoch, pos = divmod(step, self.batches_per_epoch())
+        if getattr(self, "_cached_epoch", None) != epoch:
+            self._cached = self.epoch_batches(epoch)
+            self._cached_epoch = epoch
+        return self._cached[pos], epoch

@@ -333,11 +333,14 @@ def build_parser():
     ap.add_argument("--tiny", action="store_true",
                     help="replace every checkpoint by a tiny random-weight model (plumbing check: images are noise)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.input=VALUE",
-                    help="override an input (NODE: node id or title; VALUE: JSON or text); repeatable")
+                    help="override an input (NODE: node id, title or class; VALUE: JSON or text); repeatable")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the workflow (default 1800)")
     ap.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for ComfyUI to start")
     ap.add_argument("--output-dir", default=str(PACK_ROOT / "output"),
                     help="where images go (default: output/ in the pack)")
+    ap.add_argument("--extra-model-paths", action="append", default=[], metavar="YAML",
+                    help="an extra_model_paths.yaml with more model folders (repeatable); ComfyUI/models and "
+                         "ComfyUI/extra_model_paths.yaml are always used")
     ap.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     ap.add_argument("--cpu", action="store_true", default=None, help="force ComfyUI's --cpu (default: when no CUDA)")
     ap.add_argument("--no-install", action="store_true", help="do not pip-install missing pack requirements")
@@ -361,9 +364,14 @@ def main(argv=None, out=None, err=None):
             tiny_path = ensure_tiny_sd15(comfy, python)
         print(f"== starting ComfyUI ({comfy}) ...", file=err, flush=True)
         with ComfyServer(comfy, python, port=args.port, user_models=True, output_dir=args.output_dir,
+                         extra_model_paths=args.extra_model_paths,
                          input_dir=comfy / "input", cpu=args.cpu, startup_timeout=args.startup_timeout,
                          keep_base_dir=args.keep_temp) as server:
             print(f"== ComfyUI {server.url} (log: {server.log_path})", file=err, flush=True)
+            if args.tiny and "--cpu" in server._cmd:
+                print("   (on a CPU even the tiny model is slow at 512x512: for a quick check add e.g. "
+                      "--set EmptyLatentImage.width=128 --set EmptyLatentImage.height=128 --set KSampler.steps=4)",
+                      file=err, flush=True)
             info = server.object_info()
             if convert.is_api_format(workflow):
                 prompt, ui = workflow, None

@@ -5,9 +5,11 @@ The runner never imports ComfyUI: it runs ComfyUI's own ``main.py`` with ComfyUI
 ``custom_nodes/`` holds only a symlink to this pack. That keeps the user's ComfyUI checkout untouched
 (no database, no output, no temp files written there) and lets several runs share one machine.
 """
+import ast
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import socket
@@ -139,6 +141,25 @@ def free_port(host="127.0.0.1"):
 # the server
 
 
+def declared_pack_nodes(pack_dir=PACK_ROOT):
+    """Node ids the pack declares, read from the ``NODE_CLASS_MAPPINGS = {...}`` literals in nodes/*.py
+    (parsed, not imported: the runner must not import the pack or ComfyUI)."""
+    ids = set()
+    for path in sorted((pathlib.Path(pack_dir) / "nodes").glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        except (SyntaxError, UnicodeDecodeError):
+            continue  # ComfyUI's import of the pack will fail and say why
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            if any(isinstance(t, ast.Name) and t.id == "NODE_CLASS_MAPPINGS" for t in targets) and isinstance(
+                    node.value, ast.Dict):
+                ids.update(k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
+    return sorted(ids)
+
+
 def user_models_yaml(comfy_path, dest):
     """Write an extra_model_paths yaml that makes ``<comfy>/models/*`` visible to a server whose base
     directory is elsewhere (the user's own model files, read only)."""
@@ -151,6 +172,7 @@ def user_models_yaml(comfy_path, dest):
     for child in sorted(models.iterdir()) if models.is_dir() else []:
         if child.is_dir() and child.name not in USER_MODEL_FOLDERS and not child.name.startswith("."):
             lines.append(f"  {child.name}: {json.dumps(child.name)}")
+    pathlib.Path(dest).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(dest).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return pathlib.Path(dest)
 
@@ -161,12 +183,13 @@ class ComfyServer:
     comfyui_path: the checkout (see find_comfyui). base_dir: the --base-directory (a fresh temp folder
     when None; removed at stop unless keep_base_dir). user_models: also search ``<comfy>/models``.
     extra_model_paths: more extra_model_paths yaml files. output_dir/input_dir: override those folders.
+    expected_nodes: node ids that must be in /object_info after start (default: those in nodes/*.py).
     """
 
     def __init__(self, comfyui_path=None, python=None, *, base_dir=None, port=None, user_models=False,
                  extra_model_paths=(), output_dir=None, input_dir=None, cpu=None, extra_args=(),
                  startup_timeout=300.0, keep_base_dir=False, pack_dir=PACK_ROOT, pack_name=PACK_LINK_NAME,
-                 quiet=True):
+                 expected_nodes=None):
         self.comfyui_path = find_comfyui(comfyui_path)
         self.python = python or find_python(self.comfyui_path)
         self._own_base = base_dir is None
@@ -175,7 +198,7 @@ class ComfyServer:
         self.requested_port = port
         self.port = None
         self.user_models = user_models
-        self.extra_model_paths = [pathlib.Path(p) for p in extra_model_paths]
+        self.extra_model_paths = [pathlib.Path(p).resolve() for p in extra_model_paths]
         self.output_dir = pathlib.Path(output_dir).resolve() if output_dir else None
         self.input_dir = pathlib.Path(input_dir).resolve() if input_dir else None
         self.cpu = cpu
@@ -183,7 +206,7 @@ class ComfyServer:
         self.startup_timeout = startup_timeout
         self.pack_dir = pathlib.Path(pack_dir).resolve()
         self.pack_name = pack_name
-        self.quiet = quiet
+        self.expected_nodes = expected_nodes  # None: the ids declared in nodes/*.py
         self.proc = None
         self.log_path = self.base_dir / "comfyui.log"
         self._log_file = None
@@ -243,7 +266,7 @@ class ComfyServer:
             self.port = self.requested_port
         else:
             self.port = free_port()
-        cmd = self.command()
+        cmd = self._cmd = self.command()
         self._log_file = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)  # the test venv's path must not leak into ComfyUI's Python
@@ -268,7 +291,7 @@ class ComfyServer:
                     raise PortInUse(f"ComfyUI could not listen on port {self.port}: it is already in use.\n"
                                     f"--- ComfyUI log (last lines) ---\n{tail}")
                 raise ServerStartError(
-                    f"ComfyUI exited with code {code} while starting ({' '.join(self.command_for_display())}).\n"
+                    f"ComfyUI exited with code {code} while starting.\n  command: {self.command_for_display()}\n  in: {self.comfyui_path}\n"
                     f"--- ComfyUI log (last lines) ---\n{tail}"
                 )
             if READY_MARKER in self.log_text():
@@ -289,7 +312,7 @@ class ComfyServer:
             time.sleep(0.25)
 
     def command_for_display(self):
-        return [str(self.python), "main.py", "..."]
+        return shlex.join(getattr(self, "_cmd", None) or [str(self.python), "main.py"])
 
     def import_failures(self):
         """Log lines saying that our pack failed to import (ComfyUI's exit code never says so)."""
@@ -311,6 +334,16 @@ class ComfyServer:
         bad = self.import_failures()
         if bad:
             raise PackImportFailed("ComfyUI could not import the Atelier pack:\n" + "\n".join(bad))
+        expected = declared_pack_nodes(self.pack_dir) if self.expected_nodes is None else self.expected_nodes
+        if expected and "--disable-all-custom-nodes" not in self.extra_args:
+            listed = set(self.object_info())
+            missing = sorted(set(expected) - listed)
+            if missing:
+                raise PackImportFailed(
+                    f"ComfyUI loaded the pack but /object_info lacks these Atelier nodes: {', '.join(missing)} "
+                    f"(another pack may define the same ids, or the ids differ from nodes/*.py).\n"
+                    f"--- ComfyUI log (last lines) ---\n{self.log_tail()}"
+                )
 
     def pack_nodes(self, object_info=None):
         """Node ids this server registered from our pack (object_info ``python_module``)."""

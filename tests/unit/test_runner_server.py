@@ -67,6 +67,7 @@ def pid_alive(pid):
 
 def make_server(root, **kwargs):
     kwargs.setdefault("startup_timeout", 60)
+    kwargs.setdefault("expected_nodes", ["AtelierDemo"])  # what the fake server lists
     return ComfyServer(root, python=sys.executable, cpu=True, **kwargs)
 
 
@@ -284,3 +285,151 @@ def test_comfyui_found_from_the_custom_nodes_folder_the_pack_is_linked_into(tmp_
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(root.resolve())
+
+
+def test_missing_pack_nodes_in_object_info_stop_the_start(tmp_path):
+    root = fake_comfyui(tmp_path, FAKE_HTTP_MAIN.format(mode="ok"))
+    srv = make_server(root, expected_nodes=["AtelierDemo", "AtelierOther"])
+    with pytest.raises(PackImportFailed, match="lacks these Atelier nodes: AtelierOther"):
+        srv.start()
+    assert not srv.running
+    with make_server(root, expected_nodes=["AtelierDemo"]) as ok:
+        assert ok.running
+
+
+def test_declared_pack_nodes_reads_mapping_literals(tmp_path):
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    (nodes / "a.py").write_text("class A: pass\nNODE_CLASS_MAPPINGS = {'AtelierA': A, 'AtelierB': A}\n")
+    (nodes / "b.py").write_text("NODE_CLASS_MAPPINGS: dict = {\"AtelierC\": object}\n")
+    (nodes / "_private.py").write_text("NODE_CLASS_MAPPINGS = {'Hidden': 1}\n")
+    (nodes / "broken.py").write_text("def (:\n")
+    assert server.declared_pack_nodes(tmp_path) == ["AtelierA", "AtelierB", "AtelierC"]
+
+
+def test_declared_pack_nodes_agree_with_the_imported_pack(pack):
+    """Every id the runner expects is really registered (a mapping built in code is just not expected)."""
+    assert set(server.declared_pack_nodes(server.PACK_ROOT)) <= set(pack.NODE_CLASS_MAPPINGS)
+
+
+FAKE_QUEUE_MAIN = """
+import http.server, json, sys
+argv = sys.argv
+port = int(argv[argv.index("--port") + 1])
+out_dir = argv[argv.index("--output-directory") + 1] if "--output-directory" in argv else None
+INFO = {info}
+for node_id in {pack_ids}:
+    INFO[node_id] = {{"python_module": "custom_nodes.atelier", "input": {{}}, "output": []}}
+HISTORY = {{}}
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def reply(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(data)
+    def do_GET(self):
+        if self.path == "/system_stats":
+            return self.reply(200, {{"system": {{"argv": sys.argv}}}})
+        if self.path.startswith("/history/"):
+            pid = self.path.split("/")[-1]
+            return self.reply(200, {{pid: HISTORY[pid]}} if pid in HISTORY else {{}})
+        return self.reply(200, INFO)
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["prompt"]
+        if prompt["1"]["inputs"].get("prefix") == "reject":
+            return self.reply(400, {{"error": {{"message": "Prompt outputs failed validation"}},
+                                    "node_errors": {{"1": {{"class_type": "Save", "errors": [
+                                        {{"message": "Value not in list", "details": "prefix: reject"}}]}}}}}})
+        pid = "p1"
+        if prompt["1"]["inputs"].get("prefix") == "crash":
+            HISTORY[pid] = {{"status": {{"status_str": "error", "completed": False, "messages": [
+                ["execution_error", {{"node_id": "1", "node_type": "Save", "exception_type": "ValueError",
+                                      "exception_message": "bad pixels", "traceback": ["  File x, line 1\\n"]}}]]}},
+                            "outputs": {{}}}}
+        else:
+            HISTORY[pid] = {{"status": {{"status_str": "success", "completed": True, "messages": []}},
+                            "outputs": {{"1": {{"images": [{{"filename": "img_00001_.png", "subfolder": "s",
+                                                             "type": "output"}}]}}}}}}
+        return self.reply(200, {{"prompt_id": pid, "number": 1, "node_errors": {{}}}})
+    def log_message(self, *args):
+        pass
+
+httpd = http.server.HTTPServer(("127.0.0.1", port), Handler)
+print(f"To see the GUI go to: http://127.0.0.1:{{port}}", flush=True)
+httpd.serve_forever()
+"""
+SAVE_INFO = {"Save": {"input": {"required": {"prefix": ["STRING", {}]}}, "input_order": {"required": ["prefix"]},
+                      "output": [], "output_node": True, "python_module": "nodes"}}
+
+
+def queue_comfyui(tmp_path):
+    source = FAKE_QUEUE_MAIN.format(info=repr(SAVE_INFO), pack_ids=repr(server.declared_pack_nodes()))
+    return fake_comfyui(tmp_path, source)
+
+
+def save_workflow(tmp_path, prefix):
+    """A UI-format workflow with one output node, as the frontend saves it."""
+    path = tmp_path / f"{prefix}.json"
+    path.write_text(json.dumps({"last_node_id": 1, "last_link_id": 0, "links": [], "version": 0.4, "nodes": [
+        {"id": 1, "type": "Save", "mode": 0, "inputs": [], "outputs": [], "widgets_values": [prefix]}]}))
+    return path
+
+
+def cli(tmp_path, prefix, *extra):
+    out, err = io.StringIO(), io.StringIO()
+    code = run.main([str(save_workflow(tmp_path, prefix)), "--comfyui", str(queue_comfyui(tmp_path)),
+                     "--python", sys.executable, "--no-install", "--cpu", "--output-dir", str(tmp_path / "out"),
+                     *extra], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_runs_a_ui_workflow_and_prints_the_files(tmp_path):
+    code, out, err = cli(tmp_path, "ok", "--set", "1.prefix=ok")
+    assert code == 0, err
+    assert str(tmp_path / "out" / "s" / "img_00001_.png") in out
+    port = int(err.split("http://127.0.0.1:")[1].split()[0])
+    assert not server.port_in_use(port), "the server is stopped after the run"
+
+
+def test_cli_reports_validation_errors_by_node(tmp_path):
+    code, _, err = cli(tmp_path, "reject")
+    assert code == 1
+    assert "ComfyUI rejected the workflow: Prompt outputs failed validation" in err
+    assert "node 1 (Save): Value not in list: prefix: reject" in err
+
+
+def test_cli_reports_a_node_failing_mid_run(tmp_path):
+    code, _, err = cli(tmp_path, "crash")
+    assert code == 1
+    assert "node 1 (Save) failed: ValueError: bad pixels" in err and "File x, line 1" in err
+
+
+def test_cli_print_api(tmp_path):
+    code, out, _ = cli(tmp_path, "ok", "--print-api")
+    assert code == 0
+    assert json.loads(out) == {"1": {"class_type": "Save", "inputs": {"prefix": "ok"}, "_meta": {"title": "Save"}}}
+
+
+def test_cli_bad_override_is_a_setup_error(tmp_path):
+    code, _, err = cli(tmp_path, "ok", "--set", "1.nope=3")
+    assert code == 2 and "node 1 (Save) has no input 'nope'" in err
+
+
+def test_command_passes_model_paths_and_folders(tmp_path, monkeypatch):
+    root = fake_comfyui(tmp_path, "")
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    srv = make_server(root, base_dir=tmp_path / "base", user_models=True, extra_model_paths=["mine.yaml"],
+                      output_dir="out", input_dir=root / "input")
+    srv.port = 1234
+    cmd = srv.command()
+    yamls = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--extra-model-paths-config"]
+    assert yamls == [str(tmp_path / "mine.yaml"), str(tmp_path / "base" / "user_models.yaml")]
+    assert "checkpoints: checkpoints" in (tmp_path / "base" / "user_models.yaml").read_text()
+    assert cmd[cmd.index("--output-directory") + 1] == str(tmp_path / "out")
+    assert cmd[cmd.index("--input-directory") + 1] == str(root / "input")
+    assert cmd[cmd.index("--base-directory") + 1] == str(tmp_path / "base")
+    assert cmd[cmd.index("--database-url") + 1] == "sqlite:///" + str(tmp_path / "base" / "user" / "comfyui.db")

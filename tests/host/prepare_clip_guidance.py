@@ -6,7 +6,7 @@
 - models/vae/atelier_cg_random_sd_vae.safetensors (a full-size SD VAE with finite random weights: the tiny
   checkpoint's own VAE is left uninitialised by the shared tool, so decoding through it gives NaN);
 - models/atelier_style_db/atelier_cg_tiny_db (12 generated paintings embedded with the tiny CLIP);
-- the SwinIR file the seed workflow names (issue 5's tiny writer when present, else a tiny spandrel SwinIR).
+- the SwinIR file the seed workflow names (issue 5's tiny writer).
 
 The TAESD and VAE files are written by ComfyUI's own Python so the layouts are ComfyUI's, not copies.
 """
@@ -18,7 +18,6 @@ import textwrap
 CLIP_FILE = "atelier_cg_tiny.safetensors"
 VAE_FILE = "atelier_cg_random_sd_vae.safetensors"
 DB_NAME = "atelier_cg_tiny_db"
-SWINIR_FILE = "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth"
 
 _COMFY_WRITER = textwrap.dedent("""
     import sys, torch
@@ -68,25 +67,12 @@ def _write_comfy_models(server, models):
 
 
 def _write_swinir(models):
+    from upscale.tiny import DEFAULT_FILE, write_tiny_swinir  # issue 5's tiny SwinIR (also used by its preparer)
+
     folder = models / "upscale_models"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / SWINIR_FILE
-    if path.exists():
-        return
-    try:
-        from upscale.tiny import write_tiny_swinir  # issue 5's writer, when merged
-    except ImportError:
-        import torch
-        from spandrel.architectures.SwinIR import SwinIR
-
-        torch.manual_seed(0)
-        net = SwinIR(img_size=16, embed_dim=12, depths=[1], num_heads=[2], window_size=4, mlp_ratio=2.0,
-                     upscale=4, upsampler="nearest+conv", resi_connection="1conv")
-        tmp = path.with_suffix(".part")
-        torch.save({"params_ema": net.state_dict()}, tmp)
-        os.replace(tmp, path)
-    else:
-        write_tiny_swinir(path, scale=4)
+    if not (folder / DEFAULT_FILE).exists():
+        write_tiny_swinir(folder / DEFAULT_FILE, scale=4)
 
 
 def _write_clip_and_db(models):
@@ -113,7 +99,7 @@ def prepare(server):
     small = {"cutn": 2, "cut_batches": 1}
     return {
         "clip_guided_swinir.json": {
-            "14.weights": CLIP_FILE, "14.architecture": arch, "3.steps": 2,
+            "14.weights": CLIP_FILE, "14.architecture": arch, "3.steps": 2, "11.tile_size": 32, "11.overlap": 16,
             **{f"3.{k}": v for k, v in small.items()},
         },
         "clip_guided_style.json": {

@@ -7,6 +7,10 @@ through the frontend's own file input (what "Open" and drag-and-drop feed), chec
 for the job to finish on the server, check no node turned red, and save a screenshot under
 ``tests/artifacts/browser/``.
 
+With ``ATELIER_WRITE_THUMBNAILS=1`` a passing run also writes the template-browser thumbnail
+``workflows/<name>.jpg``: the graph after the run, cropped to its nodes and groups, drawn at full detail
+(no low-detail shortcut, no minimap), about 512 px wide, JPEG quality 80, under 80 KB.
+
 Needs Chromium (Debian's ``chromium`` package, or ``ATELIER_CHROMIUM``) and the ``playwright`` Python
 package (driver only; its own browser download is never used). Skipped, with the reason, without them.
 """
@@ -26,6 +30,8 @@ CHROMIUM_FLAGS = [
 ]
 SMALL = 64
 MAX_STEPS = 2
+THUMB_WIDTH = 512
+THUMB_MAX_BYTES = 80_000
 
 pytestmark = pytest.mark.host
 
@@ -105,6 +111,47 @@ def shrink_widgets(page, overrides):
     )
 
 
+def write_thumbnail(page, workflow):
+    """workflows/<name>.jpg from the graph on screen: fit, crop to the nodes and groups, shrink, JPEG."""
+    from PIL import Image
+
+    page.evaluate(
+        """async () => {
+             const settings = app.extensionManager.setting;
+             for (const [id, value] of [['LiteGraph.Canvas.MinFontSizeForLOD', 0], ['Comfy.Minimap.Visible', false]]) {
+               try { await settings.set(id, value); } catch (e) { /* older frontends lack a setting: keep going */ }
+             }
+             app.extensionManager.command.execute('Comfy.Canvas.FitView');
+             app.graph.setDirtyCanvas(true, true);
+           }"""
+    )
+    time.sleep(0.8)
+    box = page.evaluate(
+        """() => {
+             const rects = app.graph.nodes.map(n => n.boundingRect).concat(app.graph.groups.map(g => g._bounding));
+             const x0 = Math.min(...rects.map(r => r[0])), y0 = Math.min(...rects.map(r => r[1]));
+             const x1 = Math.max(...rects.map(r => r[0] + r[2])), y1 = Math.max(...rects.map(r => r[1] + r[3]));
+             const ds = app.canvas.ds, c = app.canvas.canvas.getBoundingClientRect();
+             const sx = x => c.left + (x + ds.offset[0]) * ds.scale, sy = y => c.top + (y + ds.offset[1]) * ds.scale;
+             return [sx(x0) - 8, sy(y0) - 8, sx(x1) + 8, sy(y1) + 8, c.left, c.top, c.right, c.bottom];
+           }"""
+    )
+    left, top = max(box[0], box[4]), max(box[1], box[5])
+    right, bottom = min(box[2], box[6]), min(box[3], box[7])
+    shot = ARTIFACTS / f"{workflow.stem}.thumb.png"
+    page.screenshot(path=str(shot), clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
+    image = Image.open(shot).convert("RGB")
+    image = image.resize((THUMB_WIDTH, max(1, round(image.height * THUMB_WIDTH / image.width))), Image.LANCZOS)
+    target = workflow.with_suffix(".jpg")
+    tmp = target.with_suffix(".jpg.part")
+    for quality in (80, 70, 60, 50):
+        image.save(tmp, "JPEG", quality=quality, optimize=True)
+        if tmp.stat().st_size < THUMB_MAX_BYTES:
+            break
+    os.replace(tmp, target)
+    return target
+
+
 def wait_for_new_job(server, known, timeout):
     """The prompt id and history entry of the first job not in ``known``, once it completed."""
     deadline = time.time() + timeout
@@ -124,6 +171,7 @@ def test_workflow_in_real_frontend(comfy_server, browser, workflow):
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    passed = False
     try:
         open_comfyui(page, comfy_server.url)
         page.set_input_files("#comfy-file-input", str(workflow))
@@ -151,6 +199,9 @@ def test_workflow_in_real_frontend(comfy_server, browser, workflow):
         red = [(i, t) for i, t, _, bad, _ in graph_nodes(page) if bad]
         assert not red, f"{workflow.name}: nodes marked with errors after running: {red}"
         assert errors == [], f"{workflow.name}: JavaScript errors in the page: {errors}"
+        passed = True
     finally:
         page.screenshot(path=str(ARTIFACTS / f"{workflow.stem}.png"))
+        if passed and os.environ.get("ATELIER_WRITE_THUMBNAILS") == "1":
+            write_thumbnail(page, workflow)
         page.close()

@@ -113,3 +113,16 @@ def test_groups_box_their_nodes(path):
             elif n["type"] not in NOTE_TYPES:
                 assert not overlap(r, box), f"{path.name}: group {title!r} cuts through node {n['id']} ({n['type']})"
         assert members, f"{path.name}: group {title!r} holds no node"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_thumbnail_for_template_browser(path):
+    """ComfyUI's template browser shows workflows/<name>.jpg next to <name>.json."""
+    thumb = path.with_suffix(".jpg")
+    assert thumb.is_file(), (f"{thumb.name} missing: run the browser test with ATELIER_WRITE_THUMBNAILS=1 "
+                             f"(tests/host/test_browser.py -k {path.stem})")
+    data = thumb.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff", f"{thumb.name} is not a JPEG"
+    assert len(data) < THUMB_MAX_BYTES, f"{thumb.name} is {len(data)} bytes; keep thumbnails under {THUMB_MAX_BYTES}"
+    image = pytest.importorskip("PIL.Image").open(thumb)
+    assert 256 <= image.width <= 1024 and image.height >= 64, f"{thumb.name} is {image.size}; expected ~512 px wide"

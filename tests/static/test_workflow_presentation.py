@@ -19,8 +19,6 @@ NODE_TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
 MODEL_FILE = re.compile(r"[\w.\-]+\.(?:safetensors|ckpt|pth|pt|bin|gguf|onnx|sqlite)\b")
 STYLE_DB = re.compile(r"([\w.\-]+)/manifest\.json\b")
 THUMB_MAX_BYTES = 80_000
-# workflows whose groups wait for their issue branches to land (issue 10 adds them after the merge)
-GROUPS_PENDING = {"plms_seed000.json", "clip_guided_swinir.json", "clip_guided_style.json"}
 
 
 def load(path):
@@ -91,8 +89,6 @@ def test_model_files_listed_in_note_and_readme(path):
 def test_groups_box_their_nodes(path):
     wf = load(path)
     groups = wf.get("groups") or []
-    if not groups and path.name in GROUPS_PENDING:
-        pytest.skip(f"{path.name}: groups pending (added after its issue branch is merged)")
     assert groups, f"{path.name}: no groups; box the stages (Model, Prompt, Sampling, Output ...)"
     boxes = []
     for g in groups:

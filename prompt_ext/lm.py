@@ -7,6 +7,7 @@
 
 Everything loads with ``local_files_only=True``: nothing is ever downloaded.
 """
+import abc
 import json
 import os
 
@@ -137,11 +138,12 @@ def load_lm(model_dir, device="cpu"):
     return LanguageModel(model_dir, model, tokenizer, seq2seq, dialogue, device)
 
 
-class _EmbeddingEncoder:
+class _EmbeddingEncoder(abc.ABC):
     """E(.) from a function that returns L2-normalised rows: cos(E(u), E(v)) is a dot product."""
 
+    @abc.abstractmethod
     def embed(self, texts):
-        raise NotImplementedError
+        """L2-normalised embeddings, one row per text."""
 
     def cosines(self, u, candidates):
         if not candidates:

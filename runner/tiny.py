@@ -1,8 +1,10 @@
 """A tiny random-weight SD1.5 checkpoint for plumbing checks (images are noise), made once and cached.
 
-It is built by ``make_random_sd15.py --tiny`` run with ComfyUI's Python (so it matches that ComfyUI's
-model detection), then kept in a cache folder keyed by the tool's content, so tests and ``--tiny`` runs
-do not rebuild it (about 20 s and 630 MB). A file lock lets concurrent runs share one build.
+It is built by ``runner/tiny_sd15.py`` run with ComfyUI's Python (so its layout is the one that ComfyUI's
+model detection expects), checked there (ComfyUI detects SD1.5, the UNet's ε varies, the VAE decodes finite
+values, two prompts condition differently), then kept in a cache folder keyed by the builder's source, the
+seed and the ComfyUI version, so tests and ``--tiny`` runs do not rebuild it (about 15 s and 630 MB).
+A file lock lets concurrent runs share one build.
 """
 import contextlib
 import hashlib
@@ -10,32 +12,15 @@ import os
 import pathlib
 import subprocess
 
-from .server import PACK_ROOT, ComfyError
+from .server import ComfyError
 
-TOOL_NAME = "make_random_sd15.py"
+BUILDER = pathlib.Path(__file__).with_name("tiny_sd15.py")
 NOISE_WARNING = (
     "!" * 78 + "\n"
     "!!  --tiny: every checkpoint is replaced by a TINY RANDOM-WEIGHT model.\n"
     "!!  The images are NOISE. This only checks that the workflow runs end to end.\n"
     + "!" * 78
 )
-
-
-def find_tool():
-    """``$ATELIER_TINY_SD15_TOOL``, else ``shared/tools/make_random_sd15.py`` beside the repository (or
-    beside one of its parent folders, for git worktrees), else tools/ in the pack."""
-    candidates = []
-    if os.environ.get("ATELIER_TINY_SD15_TOOL"):
-        candidates.append(pathlib.Path(os.environ["ATELIER_TINY_SD15_TOOL"]))
-    candidates += [parent / "shared" / "tools" / TOOL_NAME for parent in list(PACK_ROOT.parents)[:3]]
-    candidates.append(PACK_ROOT / "tools" / TOOL_NAME)
-    for path in candidates:
-        if path.is_file():
-            return path.resolve()
-    raise ComfyError(
-        f"--tiny needs {TOOL_NAME} (it writes the random checkpoint); looked in: "
-        + ", ".join(str(p) for p in candidates) + ". Set ATELIER_TINY_SD15_TOOL to its path."
-    )
 
 
 def cache_dir():
@@ -59,25 +44,37 @@ def locked(path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _comfyui_version(comfyui_path):
+    try:
+        return (pathlib.Path(comfyui_path) / "comfyui_version.py").read_text(encoding="utf-8")
+    except OSError:
+        return ""
+
+
 def ensure_tiny_sd15(comfyui_path, python, seed=0, timeout=900):
-    """Path of the cached tiny checkpoint, building it first if needed."""
-    tool = find_tool()
-    key = hashlib.sha256(tool.read_bytes() + f"seed={seed}".encode()).hexdigest()[:12]
+    """Path of the cached tiny checkpoint, building (and checking) it first if needed."""
+    key = hashlib.sha256(BUILDER.read_bytes() + f"seed={seed}".encode()
+                         + _comfyui_version(comfyui_path).encode()).hexdigest()[:12]
     target = cache_dir() / f"tiny_sd15_{key}.safetensors"
     if target.is_file():
         return target
     with locked(str(target) + ".lock"):
         if target.is_file():  # another process built it while we waited
             return target
-        partial = target.with_name(target.name + f".{os.getpid()}.part")
+        # keep the .safetensors ending: ComfyUI's loader picks the format by it (the check loads this file)
+        partial = target.with_name(f"{target.stem}.{os.getpid()}.part{target.suffix}")
         env = dict(os.environ, PYTHONPATH=str(comfyui_path))
-        proc = subprocess.run([python, str(tool), str(partial), "--tiny", "--seed", str(seed)],
-                              cwd=comfyui_path, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 or not partial.is_file():
-            partial.unlink(missing_ok=True)
-            raise ComfyError(f"building the tiny checkpoint failed (exit {proc.returncode}):\n"
-                             + "\n".join((proc.stdout + proc.stderr).splitlines()[-20:]))
-        os.replace(partial, target)
+        try:
+            proc = subprocess.run([str(python), str(BUILDER), str(partial), "--seed", str(seed)],
+                                  cwd=comfyui_path, env=env, capture_output=True, text=True, timeout=timeout)
+            if proc.returncode != 0 or not partial.is_file():
+                raise ComfyError(f"building the tiny checkpoint failed (exit {proc.returncode}):\n"
+                                 + "\n".join((proc.stdout + proc.stderr).splitlines()[-20:]))
+            os.replace(str(partial) + ".json", str(target) + ".json")
+            os.replace(partial, target)
+        finally:
+            for leftover in (partial, pathlib.Path(str(partial) + ".json")):
+                leftover.unlink(missing_ok=True)
     return target
 
 

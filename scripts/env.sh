@@ -43,3 +43,51 @@ if bad:
     sys.exit("broken test environment:\n  " + "\n  ".join(bad))
 PY
 }
+
+# --------------------------------------------------------------------------------------------------
+# ComfyUI for the host layer. Either a checkout with its own Python (COMFYUI_PATH, and COMFYUI_PYTHON or
+# its .venv), or a ComfyUI *source* (ATELIER_COMFYUI_SOURCE: a release tarball or an unpacked folder),
+# which is unpacked once into .cache/comfyui/<sha256>/ and whose requirements go into the one test venv.
+
+_comfyui_requirements() {  # ComfyUI's requirements.txt minus torch/torchvision (pinned above) and torchaudio
+  grep -vE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$' "$1"
+}
+
+_torchaudio_pin() {  # torchaudio matching the pinned torch, when PyPI has one (its minor tracks torch's)
+  local minor="${TORCH_PIN#torch==}"
+  minor="${minor%.*}"
+  if "$VENV/bin/pip" install -q --dry-run --no-deps --disable-pip-version-check "torchaudio==$minor.*" \
+      >/dev/null 2>&1; then
+    echo "torchaudio==$minor.*"
+  fi
+}
+
+atelier_install_comfyui_requirements() {  # $1: ComfyUI's requirements.txt; skipped when already installed
+  local req="$1" stamp key
+  key=$( { cat "$req"; echo "$TORCH_PIN $TORCHVISION_PIN"; } | sha256sum | cut -c1-16)
+  stamp="$VENV/.comfyui-requirements-$key"
+  if [ -f "$stamp" ]; then
+    return 0
+  fi
+  local audio
+  audio=$(_torchaudio_pin)
+  echo "== installing ComfyUI's requirements into $VENV (${audio:-without torchaudio: no build matches $TORCH_PIN})"
+  _pip install -q --disable-pip-version-check -r <(_comfyui_requirements "$req") $audio \
+    "$TORCH_PIN" "$TORCHVISION_PIN" || return 1
+  "$VENV/bin/pip" list --disable-pip-version-check 2>/dev/null > "$VENV/pip-list.txt"
+  touch "$stamp"
+}
+
+atelier_setup_comfyui() {  # exports COMFYUI_PATH (and COMFYUI_PYTHON for a source); 0 also when none is given
+  if [ -n "${COMFYUI_PATH:-}" ]; then
+    [ -n "${ATELIER_COMFYUI_SOURCE:-}" ] && echo "== COMFYUI_PATH is set: using that checkout, not $ATELIER_COMFYUI_SOURCE"
+    echo "== host layer: ComfyUI checkout $COMFYUI_PATH"
+    return 0
+  fi
+  [ -n "${ATELIER_COMFYUI_SOURCE:-}" ] || return 0
+  local tree
+  tree=$("$VENV/bin/python" scripts/comfyui_source.py "$ATELIER_COMFYUI_SOURCE") || return 2
+  atelier_install_comfyui_requirements "$tree/requirements.txt" || return 1
+  export COMFYUI_PATH="$tree" COMFYUI_PYTHON="$VENV/bin/python"
+  echo "== host layer: ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$tree/comfyui_version.py") from $ATELIER_COMFYUI_SOURCE"
+}

@@ -1,13 +1,14 @@
-"""Host layer: tests against a real ComfyUI (``COMFYUI_PATH``, or the ComfyUI this pack sits in).
+"""Host layer: tests against a real ComfyUI (``COMFYUI_PATH``, or the ComfyUI this pack sits in; scripts/test.sh
+sets it for a ComfyUI source given by ``ATELIER_COMFYUI_SOURCE``).
 
 One ComfyUI server is started per test session (fixture ``comfy_server``) with this pack symlinked into
-a temporary base directory and a tiny random SD1.5 checkpoint (built once by
-``../shared/tools/make_random_sd15.py --tiny`` and cached, see runner/tiny.py) placed in
-``models/checkpoints/`` under ``tiny_sd15.safetensors`` and under every checkpoint name that the
-example workflows use. Everything lives in temp folders on a free port: several sessions can run at
-once, and the ComfyUI checkout is never written to.
+a temporary base directory and the tiny random SD1.5 checkpoint (built once by the project's
+runner/tiny_sd15.py and cached, see runner/tiny.py) placed in ``models/checkpoints/`` under
+``tiny_sd15.safetensors`` and under every checkpoint name that the example workflows use. Everything lives
+in temp folders on a free port: several sessions can run at once, and the ComfyUI tree is never written to.
 
-Without ComfyUI every test in this folder is skipped with one line saying why.
+Without ComfyUI every test in this folder is skipped with one line saying why; under ``CI=true`` every
+skip in this folder (no ComfyUI, no Chromium, ...) is a failure instead.
 
 Model files for example workflows: a file ``tests/host/prepare_<area>.py`` with ``def prepare(server)`` is
 called once after the session server started; it writes tiny model files under
@@ -16,7 +17,7 @@ return ``{"<workflow file name>": {"<node id, title or class>.<input>": value}}`
 test_example_workflow_runs applies to that workflow (e.g. fewer steps). ``comfy_server.workflow_overrides``
 holds them.
 
-Fixture interface (shared with every helper; see COMMON.md):
+Fixture interface:
     comfy_server.url, .base_dir, .object_info(), .log_text(),
     .run_api(prompt, timeout=...), .run_workflow(ui_json_or_path, overrides=None, timeout=...)
     -> result with .outputs (history outputs per node id), .files (paths written), .status;
@@ -48,8 +49,10 @@ def _find():
 
 
 COMFY, NOT_FOUND = _find()
-SKIP_REASON = ("host layer skipped: no ComfyUI found (set COMFYUI_PATH to a ComfyUI checkout "
-               "to run the host tests)") if COMFY is None else None
+SKIP_REASON = ("host layer skipped: no ComfyUI found (set COMFYUI_PATH to a ComfyUI checkout, or "
+               "ATELIER_COMFYUI_SOURCE to a ComfyUI source tarball, to run the host tests)") if COMFY is None else None
+# In CI a host layer that would be skipped is a failure: CI must prove the pack inside the real host.
+REQUIRED = os.environ.get("CI", "").lower() == "true"
 
 
 def pytest_report_header(config):
@@ -71,10 +74,16 @@ def _needs_comfyui():
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Report every "no ComfyUI" skip at this file's location, so ``-ra`` folds them into ONE line."""
+    """Report every "no ComfyUI" skip at this file's location, so ``-ra`` folds them into ONE line; under
+    CI=true turn every skip of the host layer (no ComfyUI, no Chromium, ...) into a failure saying why."""
     outcome = yield
     rep = outcome.get_result()
-    if COMFY is None and rep.skipped and isinstance(rep.longrepr, tuple) and SKIP_REASON in str(rep.longrepr[2]):
+    if not rep.skipped or hasattr(rep, "wasxfail") or not isinstance(rep.longrepr, tuple):
+        return
+    if REQUIRED:
+        rep.outcome = "failed"
+        rep.longrepr = f"CI=true: a skipped host test is a failure. It was skipped because: {rep.longrepr[2]}"
+    elif COMFY is None and SKIP_REASON in str(rep.longrepr[2]):
         rep.longrepr = (__file__, _SKIP_LINE, rep.longrepr[2])
 
 

@@ -3,12 +3,10 @@
 - models/open_clip/atelier_cg_tiny.safetensors + its open_clip config (retrieval.testing's tiny ViT);
 - models/vae_approx/taesd_decoder.safetensors and taesd_encoder.safetensors (ComfyUI's TAESD classes), and a
   16-channel taesd3 pair (a decoder of the wrong latent format, for the bad-input test);
-- models/vae/atelier_cg_random_sd_vae.safetensors (a full-size SD VAE with finite random weights: the tiny
-  checkpoint's own VAE is left uninitialised by the shared tool, so decoding through it gives NaN);
 - models/atelier_style_db/atelier_cg_tiny_db (12 generated paintings embedded with the tiny CLIP);
 - the SwinIR file the seed workflow names (issue 5's tiny writer).
 
-The TAESD and VAE files are written by ComfyUI's own Python so the layouts are ComfyUI's, not copies.
+The TAESD files are written by ComfyUI's own Python so the layouts are ComfyUI's, not copies.
 """
 import os
 import pathlib
@@ -16,17 +14,15 @@ import subprocess
 import textwrap
 
 CLIP_FILE = "atelier_cg_tiny.safetensors"
-VAE_FILE = "atelier_cg_random_sd_vae.safetensors"
 DB_NAME = "atelier_cg_tiny_db"
 
 _COMFY_WRITER = textwrap.dedent("""
     import sys, torch
-    out_approx, out_vae = sys.argv[1], sys.argv[2]
+    out_approx = sys.argv[1]
     sys.argv = [sys.argv[0], "--cpu"]
     import comfy.options; comfy.options.enable_args_parsing()
     from safetensors.torch import save_file
     from comfy.taesd.taesd import Decoder, Encoder
-    from comfy.ldm.models.autoencoder import AutoencoderKL
 
     def init(module):  # ComfyUI's layers skip weight init: give every tensor finite values
         with torch.no_grad():
@@ -46,24 +42,19 @@ _COMFY_WRITER = textwrap.dedent("""
     # a 16-channel TAESD (SD3 layout): the wrong latent format for SD1.5, for the bad-input test
     save_file({k: v.contiguous() for k, v in init(Decoder(16)).state_dict().items()}, out_approx + "/taesd3_decoder.safetensors")
     save_file({k: v.contiguous() for k, v in init(Encoder(16)).state_dict().items()}, out_approx + "/taesd3_encoder.safetensors")
-    dd = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    vae = init(AutoencoderKL(ddconfig=dd, embed_dim=4))
-    save_file({k: v.contiguous().half() for k, v in vae.state_dict().items()}, out_vae)
 """)
 
 
 def _write_comfy_models(server, models):
-    approx, vae_dir = models / "vae_approx", models / "vae"
+    approx = models / "vae_approx"
     approx.mkdir(parents=True, exist_ok=True)
-    vae_dir.mkdir(parents=True, exist_ok=True)
-    if (approx / "taesd_decoder.safetensors").exists() and (vae_dir / VAE_FILE).exists():
+    if (approx / "taesd_decoder.safetensors").exists():
         return
     env = dict(os.environ, PYTHONPATH=str(server.comfyui_path))
-    proc = subprocess.run([str(server.python), "-c", _COMFY_WRITER, str(approx), str(vae_dir / VAE_FILE)],
+    proc = subprocess.run([str(server.python), "-c", _COMFY_WRITER, str(approx)],
                           cwd=server.comfyui_path, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
-        raise RuntimeError("writing the random TAESD/VAE files failed:\n" + proc.stderr[-3000:])
+        raise RuntimeError("writing the random TAESD files failed:\n" + proc.stderr[-3000:])
 
 
 def _write_swinir(models):

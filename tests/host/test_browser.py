@@ -60,16 +60,19 @@ def browser():
 # --------------------------------------------------------------------------------------------------
 # page helpers (the frontend exposes window.app and window.LiteGraph for extensions)
 
-def open_comfyui(page, url):
-    page.goto(url, wait_until="networkidle", timeout=180_000)
+def open_comfyui(page, server):
+    # a fresh ComfyUI greets the user with the templates browser, once: the frontend then records the
+    # user setting Comfy.TutorialCompleted on the server, and later page loads open no dialog
+    first_start = not server.get_json("/settings").get("Comfy.TutorialCompleted")
+    page.goto(server.url, wait_until="networkidle", timeout=180_000)
     page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady", timeout=180_000)
-    # a fresh ComfyUI greets the user with the templates browser: close it like a user would
-    close = page.locator('.p-dialog button[aria-label="Close dialog"]')
-    deadline = time.time() + 15
-    while time.time() < deadline and close.count() == 0:
-        time.sleep(0.25)
-    if close.count():
-        close.first.click()
+    if first_start:  # close the templates browser like a user would
+        close = page.locator('.p-dialog button[aria-label="Close dialog"]')
+        deadline = time.time() + 15
+        while time.time() < deadline and close.count() == 0:
+            time.sleep(0.25)
+        if close.count():
+            close.first.click()
     page.wait_for_function("() => document.querySelectorAll('.p-dialog').length === 0", timeout=15_000)
 
 
@@ -173,7 +176,7 @@ def test_workflow_in_real_frontend(comfy_server, browser, workflow):
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     passed = False
     try:
-        open_comfyui(page, comfy_server.url)
+        open_comfyui(page, comfy_server)
         page.set_input_files("#comfy-file-input", str(workflow))
         page.wait_for_function("(n) => app.graph.nodes.length >= n", arg=1, timeout=30_000)
         time.sleep(1.0)  # dialogs (missing nodes, missing models) open asynchronously after load

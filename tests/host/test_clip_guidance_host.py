@@ -13,13 +13,12 @@ HERE = pathlib.Path(__file__).parent
 pytestmark = pytest.mark.host
 
 CLIP_FILE = "atelier_cg_tiny.safetensors"
-VAE_FILE = "atelier_cg_random_sd_vae.safetensors"
 KNOBS = dict(clip_scale=5000.0, tv_scale=100.0, range_scale=150.0, saturation_scale=0.0, scale_multiplier=50.0,
              cutn=2, cut_batches=1, cut_pow=1.0, clamp_max=0.05)
 
 
 def base_graph(arch):
-    """Checkpoint, prompts, 64x64 latent, tiny open_clip and the random SD VAE, as API nodes."""
+    """Checkpoint (with its VAE), prompts, 64x64 latent and the tiny open_clip, as API nodes."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red barn, oil painting"}},
@@ -27,11 +26,10 @@ def base_graph(arch):
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "5": {"class_type": "AtelierOpenCLIPLoader",
               "inputs": {"weights": CLIP_FILE, "architecture": arch, "device": "cpu"}},
-        "6": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_FILE}},
     }
 
 
-def guided_ksampler(decoder, vae=("6", 0), **changes):
+def guided_ksampler(decoder, vae=("1", 2), **changes):
     inputs = {"model": ["1", 0], "seed": 3, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
               "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
               "clip": ["5", 0], "text_targets": "a red barn:2 | oil painting", "decoder": decoder, **KNOBS}
@@ -42,7 +40,7 @@ def guided_ksampler(decoder, vae=("6", 0), **changes):
 
 
 def decode_and_save(graph, latent_ref, prefix):
-    graph["90"] = {"class_type": "VAEDecode", "inputs": {"samples": latent_ref, "vae": ["6", 0]}}
+    graph["90"] = {"class_type": "VAEDecode", "inputs": {"samples": latent_ref, "vae": ["1", 2]}}
     graph["91"] = {"class_type": "SaveImage", "inputs": {"images": ["90", 0], "filename_prefix": prefix}}
     return graph
 
@@ -78,7 +76,7 @@ def test_guider_with_sampler_custom_advanced(comfy_server, arch):
     graph.update({
         "10": {"class_type": "AtelierCLIPGuider", "inputs": {
             "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 6.0, "clip": ["5", 0],
-            "text_targets": "a lighthouse", "decoder": "vae", "vae": ["6", 0], **KNOBS,
+            "text_targets": "a lighthouse", "decoder": "vae", "vae": ["1", 2], **KNOBS,
             "schedule": "linear", "end_percent": 0.9}},
         "11": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
         "12": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}},

@@ -1,4 +1,7 @@
-"""runner/tiny.py: the cached tiny checkpoint and its placement, with a fake maker script."""
+"""runner/tiny.py: the cached tiny checkpoint and its placement, with a fake builder script.
+
+(The real builder, runner/tiny_sd15.py, needs ComfyUI: tests/host/test_tiny_checkpoint.py checks it.)"""
+import pathlib
 import sys
 
 import pytest
@@ -6,22 +9,23 @@ import pytest
 from runner import tiny
 from runner.server import ComfyError
 
-FAKE_TOOL = """
+FAKE_BUILDER = """
 import pathlib, sys
 out = pathlib.Path(sys.argv[1])
-assert "--tiny" in sys.argv
+assert sys.argv[2:] == ["--seed", "0"], sys.argv
 calls = pathlib.Path(__file__).with_name("calls.txt")
 calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
 out.write_bytes(b"fake-safetensors")
+pathlib.Path(str(out) + ".json").write_text('{"eps_std": 0.5}')
 """
 
 
 @pytest.fixture
 def fake_tool(tmp_path, monkeypatch):
-    tool = tmp_path / "tools" / "make_random_sd15.py"
+    tool = tmp_path / "tools" / "tiny_sd15.py"
     tool.parent.mkdir()
-    tool.write_text(FAKE_TOOL)
-    monkeypatch.setenv("ATELIER_TINY_SD15_TOOL", str(tool))
+    tool.write_text(FAKE_BUILDER)
+    monkeypatch.setattr(tiny, "BUILDER", tool)
     monkeypatch.setenv("ATELIER_CACHE_DIR", str(tmp_path / "cache"))
     return tool
 
@@ -30,15 +34,26 @@ def test_built_once_then_cached(fake_tool, tmp_path):
     first = tiny.ensure_tiny_sd15(tmp_path, sys.executable)
     second = tiny.ensure_tiny_sd15(tmp_path, sys.executable)
     assert first == second and first.read_bytes() == b"fake-safetensors"
+    assert pathlib.Path(str(first) + ".json").read_text() == '{"eps_std": 0.5}'  # the builder's check report
     assert first.parent == tmp_path / "cache"
     assert (fake_tool.parent / "calls.txt").read_text() == "x"
-    assert not list(first.parent.glob("*.part"))
+    assert not list(first.parent.glob("*.part*"))
+
+
+def test_the_cache_key_follows_the_comfyui_version(fake_tool, tmp_path):
+    (tmp_path / "comfyui_version.py").write_text('__version__ = "0.15.1"\n')
+    old = tiny.ensure_tiny_sd15(tmp_path, sys.executable)
+    (tmp_path / "comfyui_version.py").write_text('__version__ = "0.16.0"\n')
+    new = tiny.ensure_tiny_sd15(tmp_path, sys.executable)
+    assert old != new and (fake_tool.parent / "calls.txt").read_text() == "xx"
 
 
 def test_a_failing_maker_is_reported(fake_tool, tmp_path):
-    fake_tool.write_text("raise SystemExit('no comfy on sys.path')")
+    fake_tool.write_text("import sys; open(sys.argv[1], 'wb').write(b'half'); raise SystemExit('no comfy on sys.path')")
     with pytest.raises(ComfyError, match=r"building the tiny checkpoint failed \(exit 1\):\nno comfy on sys.path"):
         tiny.ensure_tiny_sd15(tmp_path, sys.executable)
+    left = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+    assert left == []  # nothing half-written is kept
 
 
 def test_place_checkpoint_links_every_name(tmp_path):
@@ -50,10 +65,3 @@ def test_place_checkpoint_links_every_name(tmp_path):
     placed = tiny.place_checkpoint(source, folder, ["old.safetensors", "sub/x.safetensors"])
     assert [p.read_bytes() for p in placed] == [b"w", b"w"]
     assert all(p.is_symlink() for p in placed)
-
-
-def test_missing_tool_says_where_it_looked(monkeypatch, tmp_path):
-    monkeypatch.setenv("ATELIER_TINY_SD15_TOOL", str(tmp_path / "nope.py"))
-    monkeypatch.setattr(tiny, "PACK_ROOT", tmp_path / "a" / "b" / "c" / "pack")
-    with pytest.raises(ComfyError, match="--tiny needs make_random_sd15.py .*nope.py"):
-        tiny.find_tool()

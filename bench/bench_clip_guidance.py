@@ -22,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from samplers import clip_guidance as cg  # noqa: E402
+from atelier.samplers import clip_guidance as cg  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -22,7 +22,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACK = "atelier_pack_bench"
+PACK = "atelier_bench"
 
 
 def setup_comfy(path):
@@ -319,7 +319,6 @@ def extras(h, cfg):
                 out["errors"] += [f"advanced {scheduler}/{n}/[{start},{stop}): {e}" for e in errs]
                 out["advanced_windows"] += 1
             # SamplerCustom: BasicScheduler's sigmas (denoise 0.6 tail) into the SIGMAS input
-            import torch
 
             total = int(n / 0.6)
             custom = comfy.samplers.calculate_sigmas(h.base.get_model_object("model_sampling"), scheduler,

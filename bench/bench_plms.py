@@ -52,10 +52,10 @@ def setup_comfyui(path):
     sys.argv = argv
     import comfy.samplers  # noqa: F401  registration needs it loaded
 
-    spec = importlib.util.spec_from_file_location("atelier_pack", os.path.join(ROOT, "__init__.py"),
+    spec = importlib.util.spec_from_file_location("atelier", os.path.join(ROOT, "__init__.py"),
                                                   submodule_search_locations=[ROOT])
     pack = importlib.util.module_from_spec(spec)
-    sys.modules["atelier_pack"] = pack
+    sys.modules["atelier"] = pack
     spec.loader.exec_module(pack)  # registers `plms`
 
 
@@ -166,7 +166,6 @@ def main():
     import comfy.samplers
     import comfy.sd
     import nodes
-
     device = mm.get_torch_device()
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=False, output_clip=True)
     pos = nodes.CLIPTextEncode().encode(clip, "a lighthouse at dusk, oil painting")[0]

@@ -21,7 +21,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prompt_ext import kb as kbmod  # noqa: E402
+from atelier.prompt_ext import kb as kbmod  # noqa: E402
 
 _CONS = "bcdfghjklmnprstvz"
 _VOW = "aeiou"
@@ -131,9 +131,9 @@ def bench_bm25s(titles, docs, vocab):
 def bench_end_to_end(n_candidates=4, max_new_tokens=40):
     import torch
 
-    from prompt_ext import extend as ext
-    from prompt_ext import lm as lmmod
-    from prompt_ext.tiny import make_tiny_gpt2
+    from atelier.prompt_ext import extend as ext
+    from atelier.prompt_ext import lm as lmmod
+    from tests.fixtures.tiny_lm import make_tiny_gpt2
 
     prompts = ["a painting of urbanization of china", "children running in a wheat field",
                "a harbour at night with fishing boats"]

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from retrieval import db as D  # noqa: E402
-from retrieval.build import build_db, embed_uint8, read_image  # noqa: E402
+from atelier.retrieval import db as D  # noqa: E402
+from atelier.retrieval.build import build_db, embed_uint8, read_image  # noqa: E402
 
 
 def random_open_clip(arch, folder):
@@ -56,7 +56,7 @@ def painting_folder(root, n, size=(640, 480)):
 
 
 def bench_build(args):
-    from retrieval.embedder import OpenClipEmbedder
+    from atelier.retrieval.embedder import OpenClipEmbedder
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)

@@ -24,9 +24,9 @@ sys.path.append(os.path.dirname(HERE))
 def worker(args):
     import torch
 
-    from training.comfy_backend import SD1Backend
-    from training.data import BucketBatchSampler
-    from training.loop import TrainConfig, Trainer, enable_gradient_checkpointing
+    from atelier.training.comfy_backend import SD1Backend
+    from atelier.training.data import BucketBatchSampler
+    from atelier.training.loop import TrainConfig, Trainer, enable_gradient_checkpointing
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()

@@ -1,8 +1,8 @@
-"""The adapter layer: the only code in the pack that talks to ComfyUI.
+"""The node layer: ComfyUI node classes over the pack's cores, talking to ComfyUI only through ``host/``.
 
-Every module in this package defines ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS``;
-this file merges them. Modules import ``comfy``/``folder_paths`` lazily inside functions, so the
-node classes import (and their schemas can be checked) without ComfyUI.
+Every module in this package defines ``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS``; this file
+merges them and registers the pack's model folders. The node classes import (and their schemas can be
+checked) without ComfyUI.
 """
 import importlib
 import pkgutil
@@ -25,6 +25,6 @@ def _gather():
 
 _gather()
 
-from . import _paths  # noqa: E402  registers the pack's model folders when ComfyUI is present
+from ..host.folders import register_model_folders  # noqa: E402
 
-_paths.register_model_folders()
+register_model_folders()  # a no-op outside ComfyUI

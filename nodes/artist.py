@@ -1,6 +1,6 @@
 """Artist Loader nodes: an artist LoRA or fine-tuned checkpoint plus the prompt that calls the artist up.
 
-Files written by ``training/finetune_artist.py`` carry ``atelier.*`` metadata (artist, styles, trigger);
+Files written by ``python -m training finetune`` carry ``atelier.*`` metadata (artist, styles, trigger);
 the combos show "Artist — file" for them. LoRA keys are matched against ComfyUI's own key maps first, so
 keys that would not load are counted and reported instead of silently ignored, and a LoRA for another
 base model is refused with a clear message.
@@ -53,7 +53,7 @@ def _resolve(folder, label):
     name = label if label in names else label.rsplit(SEP, 1)[-1]
     if name not in names:
         raise FileNotFoundError(f"{label!r} is not in models/{folder}/ (found {len(names)} files). Put the file "
-                                f"written by training/finetune_artist.py into ComfyUI/models/{folder}/ and refresh.")
+                                f"written by `python -m training finetune` into ComfyUI/models/{folder}/ and refresh.")
     return name, folder_paths.get_full_path_or_raise(folder, name)
 
 
@@ -62,7 +62,7 @@ def _model_family(model):
 
 
 class AtelierArtistLoader:
-    DESCRIPTION = ("Apply an artist LoRA (kohya format, e.g. from training/finetune_artist.py) to MODEL and CLIP "
+    DESCRIPTION = ("Apply an artist LoRA (kohya format, e.g. from `python -m training finetune`) to MODEL and CLIP "
                    "and return the artist prompt stored in its metadata. Keys that do not match the model are "
                    "counted in the report; a LoRA made for another base model is refused.")
     CATEGORY = "atelier/artist"
@@ -136,7 +136,7 @@ class AtelierArtistLoader:
 
 class AtelierArtistCheckpointLoader:
     DESCRIPTION = ("Load a full fine-tuned artist checkpoint (single-file .safetensors, e.g. from "
-                   "training/finetune_artist.py --method full) and return the artist prompt from its metadata.")
+                   "python -m training finetune --method full) and return the artist prompt from its metadata.")
     CATEGORY = "atelier/artist"
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")

@@ -137,10 +137,6 @@ def _neighbor_embeddings(clip, neighbors):
 
 
 # ---------------------------------------------------------------------------------------------- decoders
-def _latent_format(inner_model):
-    return inner_model.latent_format
-
-
 def make_taesd_decoder(latent_format, device):
     """TAESD decoder for the model's latent space, loaded from models/vae_approx the way ComfyUI's previews do."""
     import torch
@@ -229,7 +225,7 @@ def guider_class():
         def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar,
                          seed, *args, **kwargs):
             s = self.setup
-            fmt = _latent_format(self.inner_model)
+            fmt = self.inner_model.latent_format
             if noise.shape[1] != fmt.latent_channels:
                 raise ValueError(f"latent has {noise.shape[1]} channels, the model expects {fmt.latent_channels}")
             if s.decoder == "taesd":

@@ -143,9 +143,9 @@ class AtelierOpenCLIPLoader:
 
 
 def _db_root():
-    from ._paths import model_folder
+    from ..host.folders import first_path
 
-    return model_folder("atelier_style_db")
+    return first_path("atelier_style_db")
 
 
 def _db_names():

@@ -10,13 +10,12 @@ For a prompt u:
    and the candidates are returned best first (ties keep generation order, so results are deterministic).
 The user's words are never rewritten: every candidate starts with u verbatim.
 """
-import hashlib
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass, field
 
+from ..common.files import cache_dir, file_sha256
 from . import kb as kbmod
 from .entities import EntityCounter
 from .tfidf import TfidfEncoder, TfidfModel
@@ -63,31 +62,6 @@ _KB_CACHE = {}
 _KB_LOCK = threading.Lock()
 
 
-def cache_dir():
-    """Where built knowledge bases go: $ATELIER_CACHE_DIR, else ~/.cache/atelier, else the temp dir."""
-    for base in (os.environ.get("ATELIER_CACHE_DIR"), os.path.join(os.path.expanduser("~"), ".cache", "atelier")):
-        if not base:
-            continue
-        path = os.path.join(base, "knowledge")
-        try:
-            os.makedirs(path, exist_ok=True)
-            if os.access(path, os.W_OK):
-                return path
-        except OSError:
-            continue
-    path = os.path.join(tempfile.gettempdir(), "atelier-knowledge")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def _file_hash(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def open_knowledge_base(path):
     """Open a knowledge base file; a ``.jsonl`` source is built into the cache first (once per content)."""
     path = os.path.abspath(os.fspath(path))
@@ -101,7 +75,8 @@ def open_knowledge_base(path):
             from .wiki import iter_jsonl
 
             name = os.path.splitext(os.path.basename(path))[0]
-            built = os.path.join(cache_dir(), f"{name}-{_file_hash(path)}-v{kbmod.FORMAT_VERSION}.sqlite")
+            built = os.path.join(cache_dir("knowledge"),
+                                 f"{name}-{file_sha256(path)[:16]}-v{kbmod.FORMAT_VERSION}.sqlite")
             if not os.path.isfile(built):
                 kbmod.build_kb(iter_jsonl(path), built, source=os.path.basename(path))
             base = kbmod.KnowledgeBase(built)

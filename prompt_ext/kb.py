@@ -21,6 +21,8 @@ import threading
 import unicodedata
 from dataclasses import dataclass
 
+from ..common.files import atomic_file
+
 FORMAT_NAME = "atelier-knowledge"
 FORMAT_VERSION = 1
 TOKENIZER = "unicode61 remove_diacritics 2"
@@ -129,65 +131,60 @@ def build_kb(articles, out_path, source="", max_words=80, progress=None, batch=5
     ``progress(n_articles, n_passages)`` is called after every batch. Returns (articles, passages).
     """
     check_fts5()
-    out_path = os.fspath(out_path)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    con = sqlite3.connect(tmp)
-    try:
-        con.execute("PRAGMA journal_mode=OFF")
-        con.execute("PRAGMA synchronous=OFF")
-        con.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        con.execute(f"CREATE VIRTUAL TABLE passages USING fts5(title, text, tokenize='{TOKENIZER}')")
-        con.execute("CREATE VIRTUAL TABLE passages_vocab USING fts5vocab(passages, row)")
-        con.execute("CREATE TABLE titles(norm TEXT PRIMARY KEY, first INTEGER NOT NULL, count INTEGER NOT NULL)")
-        rowid = 0
-        n_articles = 0
-        rows, title_rows = [], {}
-        for title, text in articles:
-            title = " ".join(str(title).split())
-            chunks = split_passages(str(text), max_words=max_words)
-            if not title or not chunks:
-                continue
-            n_articles += 1
-            norm = normalise_title(title)
-            if norm and norm not in title_rows:
-                title_rows[norm] = (rowid + 1, len(chunks))
-            for chunk in chunks:
-                rowid += 1
-                rows.append((rowid, title, chunk))
-            if len(rows) >= batch:
-                con.executemany("INSERT INTO passages(rowid, title, text) VALUES (?, ?, ?)", rows)
-                rows = []
-                if progress:
-                    progress(n_articles, rowid)
-        if rows:
+    with atomic_file(out_path) as tmp:
+        con = sqlite3.connect(tmp)
+        try:
+            return _fill_kb(con, articles, source, max_words, progress, batch)
+        finally:
+            con.close()
+
+
+def _fill_kb(con, articles, source, max_words, progress, batch):
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
+    con.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    con.execute(f"CREATE VIRTUAL TABLE passages USING fts5(title, text, tokenize='{TOKENIZER}')")
+    con.execute("CREATE VIRTUAL TABLE passages_vocab USING fts5vocab(passages, row)")
+    con.execute("CREATE TABLE titles(norm TEXT PRIMARY KEY, first INTEGER NOT NULL, count INTEGER NOT NULL)")
+    rowid = 0
+    n_articles = 0
+    rows, title_rows = [], {}
+    for title, text in articles:
+        title = " ".join(str(title).split())
+        chunks = split_passages(str(text), max_words=max_words)
+        if not title or not chunks:
+            continue
+        n_articles += 1
+        norm = normalise_title(title)
+        if norm and norm not in title_rows:
+            title_rows[norm] = (rowid + 1, len(chunks))
+        for chunk in chunks:
+            rowid += 1
+            rows.append((rowid, title, chunk))
+        if len(rows) >= batch:
             con.executemany("INSERT INTO passages(rowid, title, text) VALUES (?, ?, ?)", rows)
-        if rowid == 0:
-            raise KnowledgeBaseError("no passages to index: every article was empty (need records with a title and a text)")
-        con.executemany("INSERT INTO titles(norm, first, count) VALUES (?, ?, ?)",
-                        [(k, v[0], v[1]) for k, v in title_rows.items()])
-        con.execute("INSERT INTO passages(passages) VALUES('optimize')")  # one b-tree: faster queries
-        meta = {
-            "format": FORMAT_NAME,
-            "version": str(FORMAT_VERSION),
-            "tokenizer": TOKENIZER,
-            "passages": str(rowid),
-            "articles": str(n_articles),
-            "source": str(source),
-        }
-        con.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
-        con.commit()
-        if progress:
-            progress(n_articles, rowid)
-    except BaseException:
-        con.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    con.close()
-    os.replace(tmp, out_path)
+            rows = []
+            if progress:
+                progress(n_articles, rowid)
+    if rows:
+        con.executemany("INSERT INTO passages(rowid, title, text) VALUES (?, ?, ?)", rows)
+    if rowid == 0:
+        raise KnowledgeBaseError("no passages to index: every article was empty (need records with a title and a text)")
+    con.executemany("INSERT INTO titles(norm, first, count) VALUES (?, ?, ?)",
+                    [(k, v[0], v[1]) for k, v in title_rows.items()])
+    con.execute("INSERT INTO passages(passages) VALUES('optimize')")  # one b-tree: faster queries
+    meta = {
+        "format": FORMAT_NAME,
+        "version": str(FORMAT_VERSION),
+        "tokenizer": TOKENIZER,
+        "passages": str(rowid),
+        "articles": str(n_articles),
+        "source": str(source),
+    }
+    con.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
+    con.commit()
+    if progress:
+        progress(n_articles, rowid)
     return n_articles, rowid
 
 

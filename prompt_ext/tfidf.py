@@ -15,9 +15,9 @@ Written by hand (a dozen lines) rather than pulling scikit-learn in for it.
 """
 import json
 import math
-import os
 from collections import Counter
 
+from ..common.files import atomic_write
 from .kb import words as _words
 
 
@@ -74,10 +74,7 @@ class TfidfModel:
 
     def save(self, path):
         data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "n_docs": self.n_docs, "df": self.df}
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, ensure_ascii=False, sort_keys=True))
 
     @classmethod
     def load(cls, path):

@@ -9,101 +9,42 @@ single build bit for bit.
 from __future__ import annotations
 
 import collections
-import csv
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..common import artdata
+from ..common.artdata import IMAGE_EXTS, image_files, row_metadata
+from ..common.files import atomic_write
 from .db import StyleDBError, load_db, write_db
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 PARTIAL_VERSION = 1
-_YEAR = re.compile(r"^(.*?)[-_ ]((?:1[0-9]|20)\d\d)$")
 
 
 class BuildInterrupted(Exception):
     """Raised by a progress callback to stop a build; finished chunks stay checkpointed."""
 
 
-# -- folder scanning and metadata -------------------------------------------------------------------------------
+# -- folder scanning and metadata (names parsed by common.artdata, shared with the trainer) ---------------------
 def scan_folder(root):
     """(images, ignored): sorted relative posix paths of image files, and of other files (not images)."""
     if not os.path.isdir(root):
         raise StyleDBError(f"image folder not found: '{root}'")
-    images, ignored = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
-            (images if os.path.splitext(name)[1].lower() in IMAGE_EXTS else ignored).append(rel)
-    return sorted(images), sorted(ignored)
-
-
-def _words(slug):
-    return " ".join(w.capitalize() if w.islower() else w for w in re.split(r"[-_ ]+", slug) if w)
-
-
-def parse_wikiart(rel_path):
-    """WikiArt layout ``Style/artist-name_title-words-1916.jpg`` → artist, style, title, year.
-
-    Files outside a sub-folder have no style; names without '_' have no artist (the whole name is the title).
-    """
-    parts = rel_path.split("/")
-    style = _words(parts[0]) if len(parts) > 1 else ""
-    stem = os.path.splitext(parts[-1])[0]
-    artist_slug, sep, title_slug = stem.partition("_")
-    if not sep:
-        artist_slug, title_slug = "", stem
-    year = ""
-    m = _YEAR.match(title_slug)
-    if m:
-        title_slug, year = m.group(1), m.group(2)
-    return {"artist": _words(artist_slug), "style": style, "genre": "", "title": _words(title_slug), "year": year}
-
-
-_KEY_COLUMNS = ("path", "relative_path", "file", "filename", "image", "name")
+    return image_files(root)
 
 
 def load_metadata_table(path):
-    """CSV or JSONL rows keyed by their file column (path/file/filename/image); values override parsed ones."""
-    if not path:
-        return {}
-    path = str(path)
-    if not os.path.isfile(path):
-        raise StyleDBError(f"metadata file not found: '{path}'")
-    if path.lower().endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    table = {}
-    for n, row in enumerate(rows):
-        key = next((str(row[c]) for c in _KEY_COLUMNS if row.get(c)), None)
-        if key is None:
-            raise StyleDBError(f"metadata file '{path}' row {n + 1} has no file column (one of {_KEY_COLUMNS})")
-        table[key.replace("\\", "/")] = {k: ("" if v is None else str(v)) for k, v in row.items()
-                                         if k not in _KEY_COLUMNS}
-    return table
-
-
-def row_metadata(rel_path, table):
-    meta = parse_wikiart(rel_path)
-    extra = table.get(rel_path) or table.get(os.path.basename(rel_path)) or \
-        table.get(os.path.splitext(os.path.basename(rel_path))[0])
-    if extra:
-        meta.update({k: v for k, v in extra.items() if k in ("artist", "style", "genre", "title", "year") and v})
-    meta["path"] = rel_path
-    return meta
+    """The metadata table of ``path`` (see common.artdata), errors as StyleDBError."""
+    try:
+        return artdata.load_metadata_table(path)
+    except artdata.MetadataError as exc:
+        raise StyleDBError(str(exc)) from None
 
 
 # -- decoding ---------------------------------------------------------------------------------------------------
@@ -229,9 +170,8 @@ def _plan_digest(files, chunk_size, shard, info, metadata_file):
 
 
 def _save_chunk(path, emb, rows, skipped):
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}.npz"
-    np.savez(tmp, emb=emb, rows=np.array(json.dumps(rows)), skipped=np.array(json.dumps(skipped)))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, emb=emb, rows=np.array(json.dumps(rows)),
+                                            skipped=np.array(json.dumps(skipped))))
 
 
 def _load_chunk(path):
@@ -303,10 +243,8 @@ def build_db(source, out, embedder, metadata_file=None, batch_size=64, workers=N
                 + ("" if resume else " (resume off)") + ("" if same else " (different files or settings)"))
             shutil.rmtree(partial)
     os.makedirs(partial, exist_ok=True)
-    with open(plan_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"digest": digest, "source": source, "files": len(files), "chunk_size": chunk_size,
-                   "shard": [shard_i, shard_n]}, f)
-    os.replace(plan_path + ".tmp", plan_path)
+    atomic_write(plan_path, json.dumps({"digest": digest, "source": source, "files": len(files),
+                                        "chunk_size": chunk_size, "shard": [shard_i, shard_n]}))
 
     done, resumed = 0, 0
     for j in mine:

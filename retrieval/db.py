@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+
+from ..common.files import atomic_folder
 
 FORMAT = "atelier-style-db"
 FORMAT_VERSION = 1
@@ -46,21 +45,6 @@ class StyleDBError(ValueError):
 
 def _norm_text(s):
     return " ".join(str(s or "").lower().replace("_", " ").replace("-", " ").split())
-
-
-def atomic_write_bytes(path, data):
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path, array):
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -384,10 +368,7 @@ def write_db(path, embeddings, norms, metadata, embedder_info, source_root="", s
     kind = index
     if kind == "auto":
         kind = "ivf" if count > IVF_THRESHOLD else "exact"
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    with atomic_folder(path) as tmp:
         np.save(os.path.join(tmp, EMBEDDINGS), emb16)
         np.save(os.path.join(tmp, NORMS), np.asarray(norms, dtype=np.float32).reshape(count))
         with open(os.path.join(tmp, METADATA), "w", encoding="utf-8") as f:
@@ -412,22 +393,7 @@ def write_db(path, embeddings, norms, metadata, embedder_info, source_root="", s
         }
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1, ensure_ascii=False)
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _swap_into_place(tmp, path):
-    """Replace ``path`` by the finished directory ``tmp`` (the old one is moved aside, then deleted)."""
-    old = None
-    if os.path.exists(path):
-        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 IVF_TRAIN_PER_LIST = 64  # k-means sample per list: FAISS wants >= 39; more costs minutes at 1M on 2 cores
@@ -467,7 +433,6 @@ def build_ivf(emb16, out_path, nprobe=None, k=DEFAULT_K, n_queries=200, seed=0):
 
 def measure_recall(index, x, nprobe=None, k=DEFAULT_K, n_queries=200, seed=0):
     """recall@k of an IVF index against exact search on noisy database vectors; picks nprobe if not given."""
-    import faiss
 
     rng = np.random.default_rng(seed + 1)
     n, d = x.shape

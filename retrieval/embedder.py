@@ -1,4 +1,4 @@
-"""CLIP embedders for style retrieval (the ``ATELIER_CLIP`` type of COMMON.md / DESIGN.md).
+"""CLIP embedders for style retrieval and guidance (the ``ATELIER_CLIP`` type the nodes pass around).
 
 ``OpenClipEmbedder`` wraps an open_clip model built from an architecture name and a *local* weights file.
 Nothing is ever downloaded: the architecture must be one open_clip knows (bundled or registered config),
@@ -7,54 +7,16 @@ the tokenizer is open_clip's bundled BPE, and weights load through safetensors (
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
-from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
+from ..common.files import file_sha256
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-_HASH_CACHE = {}
-_HASH_LOCK = threading.Lock()
-
-
-@runtime_checkable
-class Embedder(Protocol):
-    """What the database builder and search need from an embedder (any CLIP-like model fits)."""
-
-    name: str
-    weights_hash: str
-    dim: int
-    image_size: int
-
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor: ...
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-def file_sha256(path, chunk=1 << 22):
-    """Hex sha256 of a file; cached per (path, size, mtime) because ViT-H weights are ~4 GB."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    with _HASH_LOCK:
-        if key in _HASH_CACHE:
-            return _HASH_CACHE[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    digest = h.hexdigest()
-    with _HASH_LOCK:
-        _HASH_CACHE[key] = digest
-    return digest
 
 
 def pick_device(device="auto"):

@@ -1,4 +1,4 @@
-"""The ``ATELIER_NEIGHBORS`` type: what a style-database query returns (COMMON.md contract)."""
+"""The ``ATELIER_NEIGHBORS`` type: what a style-database query returns to the nodes that use neighbours."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,14 +6,11 @@ from typing import List, Optional
 
 import torch
 
-METADATA_KEYS = ("artist", "style", "genre", "title", "year", "path")
-
-
 @dataclass
 class Neighbors:
     """k retrieved images: L2-normalised CLIP image embeddings [k, dim] float32, cosine scores, metadata.
 
-    ``norms`` (optional, extra to the contract) holds each embedding's original length, so consumers that
+    ``norms`` (optional) holds each embedding's original length, so consumers that
     need raw CLIP image embeddings (the SD 2.1 unCLIP noise augmentor) can restore them exactly.
     ``reason`` says why the result is empty or shorter than asked (filters, small database).
     """

@@ -1,6 +1,6 @@
-"""``python -m runner WORKFLOW [options]``: run a workflow headless through a real ComfyUI."""
+"""``python -m runner ...`` from the pack folder: runs runner/run.py as part of the pack (see atelier.py)."""
 import sys
 
-from .run import main
+from atelier.runner.run import main
 
 sys.exit(main())

@@ -13,8 +13,10 @@ import sys
 import time
 import uuid
 
+from ..common.files import cache_dir, locked
 from . import convert
-from .server import PACK_ROOT, ComfyError, ComfyServer, find_comfyui, find_python
+from .errors import ComfyError, ComfyNotFound
+from .server import PACK_ROOT, ComfyServer, find_comfyui, find_python
 
 # input name -> ComfyUI model folder, for "missing model file" messages
 MODEL_INPUTS = {
@@ -297,12 +299,11 @@ def missing_requirements(python, requirements=PACK_ROOT / "requirements.txt"):
 def ensure_requirements(python, requirements=PACK_ROOT / "requirements.txt", out=None):
     """pip-install the requirement lines missing from ``python``; one installer at a time per machine."""
     import hashlib
-
-    from .tiny import cache_dir, locked
+    import os
 
     if not missing_requirements(python, requirements):
         return []
-    lock = cache_dir() / f"pip-{hashlib.sha256(str(python).encode()).hexdigest()[:12]}.lock"
+    lock = os.path.join(cache_dir(), f"pip-{hashlib.sha256(str(python).encode()).hexdigest()[:12]}.lock")
     with locked(lock):
         return _install_missing(python, requirements, out)
 
@@ -404,13 +405,10 @@ def main(argv=None, out=None, err=None):
     except RunError as exc:
         print(f"ERROR: {exc}", file=err)
         return 1
-    except (ComfyError, convert.WorkflowError) as exc:
+    except (ComfyError, ComfyNotFound, convert.WorkflowError) as exc:
         print(f"ERROR: {exc}", file=err)
         return 2
     except KeyboardInterrupt:
         print("interrupted; ComfyUI stopped", file=err)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

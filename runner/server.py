@@ -18,10 +18,11 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 
-PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from ..host.locate import PACK_ROOT, find_comfyui, find_python
+from .errors import ComfyError, ComfyNotFound, PackImportFailed, PortInUse, ServerStartError  # noqa: F401
+
 PACK_LINK_NAME = "atelier"
 READY_MARKER = "To see the GUI go to"
 
@@ -32,78 +33,6 @@ USER_MODEL_FOLDERS = (
     "gligen", "upscale_models", "latent_upscale_models", "hypernetworks", "photomaker", "classifiers",
     "model_patches", "audio_encoders",
 )
-
-
-class ComfyError(RuntimeError):
-    """Base class: every message is meant to be shown to the user as is."""
-
-
-class ComfyNotFound(ComfyError):
-    pass
-
-
-class ServerStartError(ComfyError):
-    pass
-
-
-class PortInUse(ServerStartError):
-    pass
-
-
-class PackImportFailed(ServerStartError):
-    pass
-
-
-# --------------------------------------------------------------------------------------------------
-# finding ComfyUI and its Python
-
-
-def _is_comfyui(path):
-    path = pathlib.Path(path)
-    return (path / "main.py").is_file() and (path / "comfy").is_dir() and (path / "folder_paths.py").is_file()
-
-
-def find_comfyui(explicit=None):
-    """The ComfyUI checkout to use: ``explicit``, else ``$COMFYUI_PATH``, else the ComfyUI this pack sits in.
-
-    Raises ComfyNotFound with a message saying what to do.
-    """
-    candidates = []
-    if explicit:
-        candidates.append(("--comfyui", explicit))
-    elif os.environ.get("COMFYUI_PATH"):
-        candidates.append(("COMFYUI_PATH", os.environ["COMFYUI_PATH"]))
-    else:
-        # the pack as ComfyUI sees it: a folder (or a symlink) in <ComfyUI>/custom_nodes/
-        for root in (pathlib.Path(os.path.abspath(__file__)).parents[1], PACK_ROOT):
-            if root.parent.name == "custom_nodes" and _is_comfyui(root.parent.parent):
-                candidates.append(("the ComfyUI this pack is installed in", root.parent.parent))
-                break
-    for origin, path in candidates:
-        path = pathlib.Path(path).expanduser().resolve()
-        if _is_comfyui(path):
-            return path
-        raise ComfyNotFound(
-            f"{origin} points at {path}, which is not a ComfyUI checkout (no main.py / comfy/ there)."
-        )
-    raise ComfyNotFound(
-        "No ComfyUI found. Set COMFYUI_PATH to a ComfyUI checkout (e.g. `COMFYUI_PATH=~/ComfyUI`), pass "
-        "--comfyui PATH, or install this pack as ComfyUI/custom_nodes/atelier. "
-        "ComfyUI: https://github.com/comfyanonymous/ComfyUI (git clone, then pip install -r requirements.txt)."
-    )
-
-
-def find_python(comfy_path):
-    """ComfyUI's Python: ``$COMFYUI_PYTHON``, else a venv inside the checkout, else this interpreter."""
-    env = os.environ.get("COMFYUI_PYTHON")
-    if env:
-        return env
-    comfy_path = pathlib.Path(comfy_path)
-    for rel in (".venv/bin/python", "venv/bin/python", ".venv/Scripts/python.exe", "venv/Scripts/python.exe"):
-        candidate = comfy_path / rel
-        if candidate.exists():
-            return str(candidate)
-    return sys.executable
 
 
 def cuda_available(python):
@@ -436,17 +365,3 @@ class ComfyServer:
         if refresh or getattr(self, "_object_info", None) is None:
             self._object_info = self.get_json("/object_info")
         return self._object_info
-
-    # ---- running (see run.py) ------------------------------------------------------------------
-
-    def run_api(self, prompt, timeout=600, progress=None):
-        """Queue an API-format prompt and wait: a RunResult (.outputs, .files, .status), or RunError."""
-        from .run import run_api
-
-        return run_api(self, prompt, timeout=timeout, progress=progress)
-
-    def run_workflow(self, workflow, overrides=None, timeout=600, progress=None):
-        """Convert a UI-format workflow (path, JSON text or dict) and run it; see run_api."""
-        from .run import run_workflow
-
-        return run_workflow(self, workflow, overrides=overrides, timeout=timeout, progress=progress)

@@ -1,20 +1,21 @@
 """A tiny random-weight SD1.5 checkpoint for plumbing checks (images are noise), made once and cached.
 
-It is built by ``runner/tiny_sd15.py`` run with ComfyUI's Python (so its layout is the one that ComfyUI's
+It is built by runner/tiny_sd15.py run with ComfyUI's Python (so its layout is the one that ComfyUI's
 model detection expects), checked there (ComfyUI detects SD1.5, the UNet's ε varies, the VAE decodes finite
 values, two prompts condition differently), then kept in a cache folder keyed by the builder's source, the
 seed and the ComfyUI version, so tests and ``--tiny`` runs do not rebuild it (about 15 s and 630 MB).
 A file lock lets concurrent runs share one build.
 """
-import contextlib
 import hashlib
 import os
 import pathlib
 import subprocess
 
-from .server import ComfyError
+from ..common.files import cache_dir, locked
+from ..host.locate import PACK_ROOT
+from .errors import ComfyError
 
-BUILDER = pathlib.Path(__file__).with_name("tiny_sd15.py")
+BUILDER = pathlib.Path(__file__).with_name("tiny_sd15.py")  # its source is part of the cache key
 NOISE_WARNING = (
     "!" * 78 + "\n"
     "!!  --tiny: every checkpoint is replaced by a TINY RANDOM-WEIGHT model.\n"
@@ -23,25 +24,14 @@ NOISE_WARNING = (
 )
 
 
-def cache_dir():
-    root = os.environ.get("ATELIER_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "atelier")
-    path = pathlib.Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def builder_command(python, *args):
+    """The command that runs runner/tiny_sd15.py with ComfyUI's Python (see builder_env)."""
+    return [str(python), "-m", "atelier.runner.tiny_sd15", *map(str, args)]
 
 
-@contextlib.contextmanager
-def locked(path):
-    """An exclusive file lock (fcntl), held for the ``with`` block."""
-    import fcntl
-
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def builder_env(comfyui_path):
+    """ComfyUI's folder first on the path (its top-level modules), then the pack folder (for ``atelier``)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(comfyui_path), str(PACK_ROOT)]))
 
 
 def _comfyui_version(comfyui_path):
@@ -55,7 +45,7 @@ def ensure_tiny_sd15(comfyui_path, python, seed=0, timeout=900):
     """Path of the cached tiny checkpoint, building (and checking) it first if needed."""
     key = hashlib.sha256(BUILDER.read_bytes() + f"seed={seed}".encode()
                          + _comfyui_version(comfyui_path).encode()).hexdigest()[:12]
-    target = cache_dir() / f"tiny_sd15_{key}.safetensors"
+    target = pathlib.Path(cache_dir()) / f"tiny_sd15_{key}.safetensors"
     if target.is_file():
         return target
     with locked(str(target) + ".lock"):
@@ -63,10 +53,9 @@ def ensure_tiny_sd15(comfyui_path, python, seed=0, timeout=900):
             return target
         # keep the .safetensors ending: ComfyUI's loader picks the format by it (the check loads this file)
         partial = target.with_name(f"{target.stem}.{os.getpid()}.part{target.suffix}")
-        env = dict(os.environ, PYTHONPATH=str(comfyui_path))
         try:
-            proc = subprocess.run([str(python), str(BUILDER), str(partial), "--seed", str(seed)],
-                                  cwd=comfyui_path, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(builder_command(python, partial, "--seed", seed), cwd=comfyui_path,
+                                  env=builder_env(comfyui_path), capture_output=True, text=True, timeout=timeout)
             if proc.returncode != 0 or not partial.is_file():
                 raise ComfyError(f"building the tiny checkpoint failed (exit {proc.returncode}):\n"
                                  + "\n".join((proc.stdout + proc.stderr).splitlines()[-20:]))

@@ -1,10 +1,10 @@
 """Build and check the tiny random-weight SD1.5-architecture checkpoint that ``--tiny`` and the tests use.
 
-    python runner/tiny_sd15.py OUT.safetensors [--seed N]     # build, then check (writes OUT.json)
-    python runner/tiny_sd15.py --check CKPT.safetensors       # check only; prints the report as JSON
+    python -m atelier.runner.tiny_sd15 OUT.safetensors [--seed N]   # build, then check (writes OUT.json)
+    python -m atelier.runner.tiny_sd15 --check CKPT.safetensors     # check only; prints the report as JSON
 
-Run with ComfyUI's Python, with ComfyUI's folder as the working directory and on ``sys.path`` (runner/tiny.py
-does that): the UNet and the VAE are ComfyUI's own classes, so the key layout is the one that ComfyUI's
+Run with ComfyUI's Python and ComfyUI's folder as the working directory (runner/tiny.py does that): the UNet
+and the VAE are ComfyUI's own classes (through the host seam), so the key layout is the one that ComfyUI's
 checkpoint detection expects, and the text encoder is transformers' CLIP with its keys under
 ``text_model.`` (where ComfyUI's SD1 loader looks for them).
 
@@ -21,6 +21,9 @@ import json
 import os
 import sys
 
+from ..host import models
+from ..host.locate import attach
+
 TINY_UNET = dict(
     image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1, 1], channel_mult=[1, 2],
     transformer_depth=[1, 1, 1, 1], transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1],
@@ -31,19 +34,6 @@ TINY_UNET = dict(
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 PROMPTS = ("a painting of a lighthouse at dusk", "a watercolour of red poppies")
-
-
-def _comfy_cpu():
-    """Import ComfyUI's option parsing with our own argv kept out of it (and --cpu where there is no GPU)."""
-    import torch
-
-    argv = sys.argv
-    sys.argv = [argv[0]] + ([] if torch.cuda.is_available() else ["--cpu"])
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import comfy.ops  # noqa: F401  parses the arguments once
-    sys.argv = argv
 
 
 def init_weights(module):
@@ -80,20 +70,14 @@ def state_dict(seed=0):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    _comfy_cpu()
-    import comfy.ops
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
     torch.manual_seed(seed)
     sd = {}
-    unet = init_weights(UNetModel(**TINY_UNET, operations=comfy.ops.disable_weight_init))
+    unet = init_weights(models.unet_model(TINY_UNET))
     sd.update(("model.diffusion_model." + k, v) for k, v in unet.state_dict().items())
-    vae = init_weights(AutoencoderKL(ddconfig=SD_VAE, embed_dim=4))
+    vae = init_weights(models.autoencoder_kl(SD_VAE, embed_dim=4))
     sd.update(("first_stage_model." + k, v) for k, v in vae.state_dict().items())
-    config_path = os.path.join(os.path.dirname(sys.modules["comfy.ops"].__file__), "sd1_clip_config.json")
-    with open(config_path, encoding="utf-8") as handle:
-        config = {k: v for k, v in json.load(handle).items() if k in CLIPTextConfig().to_dict()}
+    config = {k: v for k, v in models.text_encoder_config("sd1_clip_config.json").items()
+              if k in CLIPTextConfig().to_dict()}
     text = CLIPTextModel(CLIPTextConfig(**config))  # transformers initialises it (std 0.02 embeddings)
     for k, v in text.state_dict().items():
         k = k if k.startswith("text_model.") else "text_model." + k  # newer transformers drop the prefix
@@ -105,10 +89,7 @@ def check(path):
     """Load ``path`` as CheckpointLoaderSimple does and measure what makes it usable; raise if it is not."""
     import torch
 
-    _comfy_cpu()
-    import comfy.sd
-
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(path)[:3]
+    model, clip, vae = models.load_checkpoint(path, embeddings=False)
     conds = [clip.encode_from_tokens(clip.tokenize(p)) for p in PROMPTS]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=g)
@@ -119,7 +100,7 @@ def check(path):
         eps = model.model.diffusion_model(x.to(dtype), t.to(dtype), context=conds[0].to(dtype)).float()
         image = vae.decode(torch.randn(1, 4, 8, 8, generator=g))
     report = {
-        "model_config": type(model.model.model_config).__name__,
+        "model_config": models.model_family(model),
         "eps_std": float(eps.std()),
         "eps_finite": bool(torch.isfinite(eps).all()),
         "vae_finite": bool(torch.isfinite(image).all()),
@@ -148,6 +129,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="only check an existing file; print the report")
     args = ap.parse_args(argv)
+    attach(os.getcwd())
     if not args.check:
         from safetensors.torch import save_file
 

@@ -1,34 +1,21 @@
 """Shared test helpers.
 
-Pure packages are importable as top-level names (``samplers``, ``retrieval``...) through
-``pythonpath = ..``. Node modules use relative imports, so they are reached through the pack imported
-as a package under the name ``atelier_pack`` (never as top-level ``nodes``: that is ComfyUI's module).
+The pack is imported as the package ``atelier`` (the pack folder's ``atelier.py``, through ``pythonpath = ..``
+in pytest.ini): ``from atelier.retrieval import db``, ``from atelier.nodes import artist``. ComfyUI itself
+imports the pack by its folder's ``__init__.py``; tests/static/test_packaging.py checks that entry point.
+Test fixtures (tiny random models, generated data) live in ``tests/fixtures/``.
 """
-import importlib.util
+import importlib
 import pathlib
-import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACK_NAME = "atelier_pack"
 
 
 def load_pack():
-    """Import the pack root as package ``atelier_pack``, the way ComfyUI's loader does (by file path)."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[PACK_NAME]
-        raise
-    return module
+    """The pack's node tables (``atelier.nodes``: NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)."""
+    return importlib.import_module("atelier.nodes")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""The one file in ``training/`` that touches ComfyUI: load an SD 1.x checkpoint with ComfyUI's own loader
-and expose it to the pure loop as plain callables.
+"""An SD 1.x checkpoint loaded with ComfyUI's own loader (through the host seam), exposed to the pure loop as
+plain callables.
 
 Only the raw torch modules are used for training (``model.model.diffusion_model``, the CLIP-L
 transformer, the VAE); ComfyUI's ModelPatcher is bypassed because training needs autograd through the
@@ -12,43 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import types
 
 import torch
 
+from ..host import models
+from ..host.locate import ComfyNotFound, attach
 from .lora import TEXT_ENCODER_TARGETS, UNET_ALL_TARGETS, UNET_ATTENTION_TARGETS, inject_lora
 
 
 class BackendError(RuntimeError):
     """ComfyUI could not be found or the checkpoint is not something this trainer can fine-tune."""
-
-
-def find_comfyui(explicit: str | None = None) -> str:
-    """ComfyUI root from ``explicit``, ``COMFYUI_PATH``, or the ComfyUI this pack sits in (custom_nodes/..)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pack root
-    candidates = [explicit, os.environ.get("COMFYUI_PATH"), os.path.dirname(os.path.dirname(here))]
-    for c in candidates:
-        if c and os.path.isfile(os.path.join(c, "comfy", "sd.py")):
-            return os.path.abspath(c)
-    raise BackendError("ComfyUI not found: set COMFYUI_PATH=/path/to/ComfyUI (the folder holding comfy/ and "
-                       "main.py), pass --comfyui, or install this pack in ComfyUI/custom_nodes/. Run the script "
-                       "with ComfyUI's own Python (its venv).")
-
-
-def import_comfy(root: str):
-    """Put ComfyUI on sys.path and import its loader with default options (CPU when there is no CUDA)."""
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.options  # noqa: F401  (keeps ComfyUI from parsing our command line)
-    import comfy.cli_args
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    import comfy.lora
-    import comfy.model_management  # noqa: F401
-    import comfy.sd
-    import comfy.supported_models
-    return comfy
 
 
 def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
@@ -62,21 +36,22 @@ class SD1Backend:
 
     def __init__(self, ckpt_path: str, comfyui: str | None = None, device: str | None = None,
                  weight_dtype: torch.dtype | None = None):
-        root = find_comfyui(comfyui)
-        comfy = import_comfy(root)
-        self.comfy = comfy
+        try:
+            attach(comfyui)
+        except ComfyNotFound as e:
+            raise BackendError(f"{e} Run the trainer with ComfyUI's own Python (its venv).") from None
         self.ckpt_path = ckpt_path
         if not os.path.isfile(ckpt_path):
             raise BackendError(f"checkpoint {ckpt_path!r} not found")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         opts = {"dtype": weight_dtype} if weight_dtype is not None else {}
         try:
-            model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-                ckpt_path, output_vae=True, output_clip=True, model_options=opts, te_model_options=opts)
+            model, clip, vae = models.load_checkpoint(ckpt_path, embeddings=False, model_options=opts,
+                                                      te_model_options=opts)
         except Exception as e:
             raise BackendError(f"ComfyUI could not load {ckpt_path!r} as a checkpoint: {e}") from e
         cfg = model.model.model_config
-        if not isinstance(cfg, comfy.supported_models.SD15) or clip is None or vae is None or \
+        if not models.is_sd15(model) or clip is None or vae is None or \
                 not hasattr(clip.cond_stage_model, "clip_l") or hasattr(clip.cond_stage_model, "clip_g"):
             raise BackendError(f"{os.path.basename(ckpt_path)} is a {type(cfg).__name__} checkpoint; the artist "
                                "trainer fine-tunes SD 1.x single-file checkpoints (with UNet, CLIP-L and VAE), "
@@ -156,14 +131,10 @@ class SD1Backend:
         return self._key_map
 
     def _compute_key_map(self) -> set[str]:
-        key_map = {}
-        self.comfy.lora.model_lora_keys_unet(self.model.model, key_map)
-        self.comfy.lora.model_lora_keys_clip(self.clip.cond_stage_model, key_map)
-        return set(key_map)
+        return set(models.lora_key_map(self.model, self.clip))
 
     def save_full_checkpoint(self, path: str, metadata: dict[str, str]) -> None:
         """Single-file checkpoint (UNet + CLIP + VAE) through ComfyUI's own saver, written atomically."""
-        from .data import atomic_write
+        from ..common.files import atomic_write
 
-        atomic_write(path, lambda tmp: self.comfy.sd.save_checkpoint(tmp, self.model, self.clip, self.vae,
-                                                                     metadata=metadata))
+        atomic_write(path, lambda tmp: models.save_checkpoint(tmp, self.model, self.clip, self.vae, metadata=metadata))

@@ -9,12 +9,13 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+from ..common.artdata import IMAGE_EXTS, MetadataError, load_metadata_table, parse_wikiart, row_metadata
+from ..common.files import atomic_write, file_sha256
+
 DEFAULT_TEMPLATE = "a {genre} painting by {artist}, {style}, {year}"
 CAPTION_MODES = ("template", "sidecar", "both")
 
@@ -41,17 +42,11 @@ class ScanResult:
 
 
 # ---------------------------------------------------------------- names and captions
-try:  # one WikiArt parser for the pack: the style databases use the same artist/style names
-    from ..retrieval.build import load_metadata_table, parse_wikiart, row_metadata
-except ImportError:  # training/ imported as a top-level package (tests, the CLI run as a script)
-    from retrieval.build import load_metadata_table, parse_wikiart, row_metadata
-
-
 def parse_wikiart_name(path: str, root: str) -> dict:
     """``root/Impressionism/claude-monet_water-lilies-1916.jpg`` → artist, style, title, year, genre.
 
     WikiArt stores one folder per style and ``artist-slug_title-slug-year.ext``; other names still get a
-    title, and no artist. (The parsing itself is retrieval.build's, shared with the style databases.)
+    title, and no artist. (The parsing is common.artdata's, shared with the style databases.)
     """
     return parse_wikiart(os.path.relpath(path, root).replace(os.sep, "/"))
 
@@ -84,14 +79,6 @@ def build_caption(meta: dict, sidecar: str | None, mode: str, template: str, tri
     return text
 
 
-def file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def scan_folder(root: str, resolution: int, caption_mode: str = "both", template: str = DEFAULT_TEMPLATE,
                 trigger: str = "", artist: str = "", small_images: str = "error",
                 metadata_file: str | None = None) -> ScanResult:
@@ -112,17 +99,17 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
         raise DataError(f"cannot read data folder {root!r}: {e}") from e
     try:
         table = load_metadata_table(metadata_file)
-    except (OSError, ValueError) as e:  # StyleDBError is a ValueError
+    except (OSError, MetadataError) as e:
         raise DataError(f"cannot use metadata file {metadata_file}: {e}") from e
     paths = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: (_ for _ in ()).throw(
             DataError(f"cannot read {e.filename!r}: {e.strerror}"))):
         dirnames.sort()
         for fn in sorted(filenames):
-            if fn.lower().endswith(IMAGE_EXTS) and not fn.startswith("."):
+            if os.path.splitext(fn)[1].lower() in IMAGE_EXTS and not fn.startswith("."):
                 paths.append(os.path.join(dirpath, fn))
     if not paths:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root!r}; put one artist's paintings "
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root!r}; put one artist's paintings "
                         "there (WikiArt layout Style/artist-name_title-year.jpg or any folder)")
     samples, skipped, small = [], [], []
     for p in paths:
@@ -153,7 +140,7 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
             skipped.append((p, f"no caption file {os.path.basename(sidecar_path)} (caption mode 'sidecar')"))
             continue
         samples.append(Sample(p, build_caption(meta, sidecar, caption_mode, template, trigger), meta, w, h,
-                              file_hash(p)))
+                              file_sha256(p)))
     if small:
         raise DataError(f"{len(small)} image(s) are smaller than the training resolution {resolution}x{resolution}: "
                         f"{', '.join(small[:5])}{' ...' if len(small) > 5 else ''}. Use larger images, a lower "
@@ -237,28 +224,6 @@ def assign_buckets(samples: list[Sample], resolution: int, use_buckets: bool = T
 # ---------------------------------------------------------------- latent cache
 def latent_cache_key(content_hash: str, vae_hash: str, bucket: tuple[int, int]) -> str:
     return hashlib.sha256(f"{content_hash}|{vae_hash}|{bucket[0]}x{bucket[1]}".encode()).hexdigest()[:32]
-
-
-def atomic_write(path: str, write_fn) -> None:
-    """Write through a temp file in the same folder, fsync, rename; on any error the temp file is removed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def cache_latents(samples: list[Sample], encode_fn, cache_dir: str, vae_hash: str, progress=None) -> list[torch.Tensor]:

@@ -1,12 +1,12 @@
 """Fine-tune an SD 1.x checkpoint on one artist's paintings; write a kohya LoRA or a full checkpoint.
 
-Run with ComfyUI's Python (its venv), ComfyUI found through --comfyui, COMFYUI_PATH or the ComfyUI this
-pack is installed in:
+Run from the pack folder with ComfyUI's Python (its venv), ComfyUI found through --comfyui, COMFYUI_PATH or
+the ComfyUI this pack is installed in:
 
-    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/.venv/bin/python training/finetune_artist.py \\
+    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/.venv/bin/python -m training finetune \\
         --data wikiart/ --artist "Claude Monet" --checkpoint v1-5-pruned-emaonly.safetensors --output out/monet
 
-Several GPUs: ``torchrun --nproc_per_node 4 training/finetune_artist.py ...`` (--batch-size is per GPU).
+Several GPUs: ``torchrun --nproc_per_node 4 -m training finetune ...`` (--batch-size is per GPU).
 See docs/training.md.
 """
 from __future__ import annotations
@@ -19,12 +19,9 @@ import re
 import sys
 import time
 
-if not __package__:  # run as a script: make the package importable (PEP 366)
-    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    __package__ = "training"
-
-from .data import (CAPTION_MODES, DEFAULT_TEMPLATE, BucketBatchSampler, DataError, assign_buckets,  # noqa: E402
-                   atomic_write, cache_latents, clip_filter, file_hash, scan_folder)
+from ..common.files import atomic_write, file_sha256
+from .data import (CAPTION_MODES, DEFAULT_TEMPLATE, BucketBatchSampler, DataError, assign_buckets, cache_latents,
+                   clip_filter, scan_folder)
 
 DEFAULTS = {
     "data": None, "checkpoint": None, "output": "artist_out", "output_name": "", "comfyui": None,
@@ -43,7 +40,7 @@ DEFAULTS = {
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     """All flags; with ``suppress`` defaults are hidden so we can tell which flags were typed."""
     p = argparse.ArgumentParser(
-        prog="finetune_artist.py", description=__doc__.split("\n\n")[0],
+        prog="python -m training finetune", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS if suppress else None)
 
@@ -173,39 +170,24 @@ def _resolve_precision(cfg, device):
 
 
 def load_clip_embedder(cfg, device):
-    """The ATELIER_CLIP embedder from retrieval/ (open_clip) for the similarity filter."""
+    """The open_clip embedder of the style databases (retrieval/) for the similarity filter."""
+    from ..retrieval.embedder import load_open_clip
+
     if not cfg["clip_weights"]:
         raise SystemExit("error: --clip-filter needs --clip-weights (an open_clip weights file for --clip-model)")
-    try:
-        from retrieval.embedder import load_open_clip
-    except ImportError:
-        try:
-            from ..retrieval.embedder import load_open_clip
-        except (ImportError, ValueError) as e:
-            raise SystemExit(f"error: the CLIP filter needs the pack's retrieval.embedder module: {e}")
     return load_open_clip(cfg["clip_model"], cfg["clip_weights"], device=str(device))
 
 
-def run(cfg: dict, backend_factory=None) -> int:
-    """The whole job; returns the process exit code (0 done, 130 interrupted)."""
+def _device(cfg):
     import torch
 
-    from . import kohya
-    from .loop import TrainConfig, Trainer, enable_gradient_checkpointing, latest_checkpoint
-    from .lora import lora_state_dict, remove_lora
-
-    started = time.time()
-    rank, world = _init_distributed()
     if cfg["device"] == "auto":
-        device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg["device"])
-    mp = _resolve_precision(cfg, device)
-    out = cfg["output"]
-    os.makedirs(out, exist_ok=True)
-    say = print if rank == 0 else (lambda *a, **k: None)
+        return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg["device"])
 
-    # ---- data
+
+def _load_data(cfg, say):
+    """(samples, artist, styles) from the data folder; the artist defaults to the most common parsed name."""
     try:
         scan = scan_folder(cfg["data"], cfg["resolution"], cfg["caption_mode"], cfg["caption_template"],
                            cfg["trigger"], cfg["artist"], cfg["small_images"], cfg["metadata_file"])
@@ -219,59 +201,64 @@ def run(cfg: dict, backend_factory=None) -> int:
     if not artist:
         raise SystemExit("error: no artist name: pass --artist (file names are not in WikiArt's artist_title form)")
     styles = [s for s, _ in collections.Counter(x.meta["style"] for x in samples if x.meta.get("style")).most_common()]
-    name = cfg["output_name"] or _slug(artist)
+    return samples, artist, styles
 
-    # ---- model
+
+def _load_backend(cfg, device, mp):
+    """The SD1.x model through ComfyUI's loader; weights in the dtype the method and precision call for."""
+    import torch
+
+    from .comfy_backend import BackendError, SD1Backend
+
     weight_dtype = None
     if device.type == "cuda" and cfg["method"] == "lora" and mp != "no":
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mp]
     elif cfg["method"] == "full" or device.type == "cpu" or mp == "no":
         weight_dtype = torch.float32
-    if backend_factory is None:
-        from .comfy_backend import BackendError, SD1Backend
+    try:
+        return SD1Backend(cfg["checkpoint"], cfg["comfyui"], str(device), weight_dtype)
+    except BackendError as e:
+        raise SystemExit(f"error: {e}")
 
-        def backend_factory():
-            try:
-                return SD1Backend(cfg["checkpoint"], cfg["comfyui"], str(device), weight_dtype)
-            except BackendError as e:
-                raise SystemExit(f"error: {e}")
-    backend = backend_factory()
 
-    # ---- CLIP filter
-    if cfg["clip_filter"]:
-        embedder = load_clip_embedder(cfg, device)
-        samples, dropped = clip_filter(samples, embedder, cfg["clip_threshold"])
-        report = [{"path": s.path, "caption": s.caption, "score": round(sc, 4)} for s, sc in dropped]
-        if rank == 0:
-            _write_text(os.path.join(out, "clip_filter_dropped.json"), json.dumps(report, indent=1))
-        say(f"CLIP filter (threshold {cfg['clip_threshold']}): kept {len(samples)}, dropped {len(dropped)}"
-            + "".join(f"\n  dropped {r['path']} (similarity {r['score']})" for r in report[:20]))
-        if not samples:
-            raise SystemExit("error: the CLIP filter dropped every image; lower --clip-threshold or fix the captions")
-        del embedder
+def _clip_filtered(cfg, samples, device, out, rank, say):
+    """Drop image–caption pairs below the CLIP similarity threshold; the dropped ones are listed in a file."""
+    embedder = load_clip_embedder(cfg, device)
+    samples, dropped = clip_filter(samples, embedder, cfg["clip_threshold"])
+    report = [{"path": s.path, "caption": s.caption, "score": round(sc, 4)} for s, sc in dropped]
+    if rank == 0:
+        atomic_write(os.path.join(out, "clip_filter_dropped.json"), json.dumps(report, indent=1))
+    say(f"CLIP filter (threshold {cfg['clip_threshold']}): kept {len(samples)}, dropped {len(dropped)}"
+        + "".join(f"\n  dropped {r['path']} (similarity {r['score']})" for r in report[:20]))
+    if not samples:
+        raise SystemExit("error: the CLIP filter dropped every image; lower --clip-threshold or fix the captions")
+    return samples
 
-    # ---- buckets and cached latents (rank 0 encodes, the others read the cache)
-    assign_buckets(samples, cfg["resolution"], cfg["buckets"], cfg["bucket_step"], cfg["max_aspect"])
+
+def _cached_latents(cfg, samples, backend, out, rank):
+    """Latents of every sample: rank 0 encodes into the cache, the other ranks read it after the barrier."""
+    from tqdm.auto import tqdm
+
     cache_dir = cfg["cache_dir"] or os.path.join(out, "latent_cache")
     vae_hash = backend.vae_hash()
     if rank == 0:
-        from tqdm.auto import tqdm
         with tqdm(total=len(samples), desc="caching latents", disable=not cfg["progress"]) as bar:
             cache_latents(samples, backend.vae_encode, cache_dir, vae_hash, bar.update)
     _barrier()
-    latents = cache_latents(samples, backend.vae_encode, cache_dir, vae_hash)
-    say(f"{len(samples)} images of {artist} in {len(set(s.bucket for s in samples))} bucket(s)")
+    return cache_latents(samples, backend.vae_encode, cache_dir, vae_hash)
 
-    # ---- trainable parameters
-    params = {}
-    groups = {}
+
+def _trainable(cfg, backend):
+    """({"unet": {name: param}, "te": {...}}, LoRA groups or {}) with requires_grad set."""
+    from .loop import enable_gradient_checkpointing
+
+    params, groups = {}, {}
     if cfg["method"] == "lora":
         groups = backend.inject(cfg["rank"], cfg["alpha"], cfg["unet_targets"], cfg["train_text_encoder"])
-        params["unet"] = {f"{p}.{n}": t for p, m in sorted(groups["lora_unet"].items())
-                          for n, t in (("down", m.lora_down.weight), ("up", m.lora_up.weight))}
-        if "lora_te" in groups:
-            params["te"] = {f"{p}.{n}": t for p, m in sorted(groups["lora_te"].items())
-                            for n, t in (("down", m.lora_down.weight), ("up", m.lora_up.weight))}
+        for key, group in (("unet", "lora_unet"), ("te", "lora_te")):
+            if group in groups:
+                params[key] = {f"{p}.{n}": t for p, m in sorted(groups[group].items())
+                               for n, t in (("down", m.lora_down.weight), ("up", m.lora_up.weight))}
     else:
         params["unet"] = dict(backend.unet.named_parameters())
         if cfg["train_text_encoder"]:
@@ -281,6 +268,11 @@ def run(cfg: dict, backend_factory=None) -> int:
             p.requires_grad_(True)
     if cfg["gradient_checkpointing"]:
         enable_gradient_checkpointing(backend.checkpoint_modules())
+    return params, groups
+
+
+def _trainer(cfg, backend, params, samples, latents, artist, out, device, mp, rank, world, say):
+    from .loop import TrainConfig, Trainer, latest_checkpoint
 
     tcfg = TrainConfig(steps=cfg["steps"], batch_size=cfg["batch_size"], lr_unet=cfg["lr"],
                        lr_text_encoder=cfg["lr_text_encoder"], text_encoder_only_steps=cfg["text_encoder_only_steps"],
@@ -297,56 +289,75 @@ def run(cfg: dict, backend_factory=None) -> int:
             raise SystemExit(f"error: --resume: no checkpoint under {os.path.join(out, 'checkpoints')}")
         trainer.load_checkpoint(ckpt)
         say(f"resumed from {ckpt} at step {trainer.step}")
+    return trainer
+
+
+def _export(cfg, backend, groups, samples, artist, styles, name, out, mp, world, started, say):
+    """Write the LoRA (checked against ComfyUI's key map first) and/or the full checkpoint, with metadata."""
+    import torch
+
+    from . import kohya
+    from .lora import lora_state_dict, remove_lora
+
+    export = cfg["export"] if cfg["export"] != "auto" else ("lora" if cfg["method"] == "lora" else "checkpoint")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg["save_dtype"]]
+    md_args = dict(cfg, lr_unet=cfg["lr"], mixed_precision=mp, num_processes=world)
+    common = dict(artist=artist, styles=styles, trigger=cfg["trigger"], caption_template=cfg["caption_template"],
+                  base_model_name=os.path.basename(cfg["checkpoint"]), base_model_hash=file_sha256(cfg["checkpoint"]),
+                  base_model_legacy_hash=kohya.legacy_model_hash(cfg["checkpoint"]), training_args=md_args,
+                  num_images=len(samples), steps=cfg["steps"], resolution=cfg["resolution"], started_at=started)
+    if export in ("lora", "both"):
+        if cfg["method"] != "lora":
+            raise SystemExit("error: --export lora needs --method lora")
+        tensors = lora_state_dict(groups, dtype)
+        unmapped = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+                           for k in tensors} - backend.lora_key_map())
+        if unmapped:
+            raise SystemExit(f"internal error: {len(unmapped)} LoRA keys would not load in ComfyUI, "
+                             f"e.g. {unmapped[:3]}")
+        path = os.path.join(out, f"{name}.safetensors")
+        kohya.save_lora(path, tensors, kohya.build_metadata(rank=cfg["rank"], alpha=cfg["alpha"], kind="lora", **common))
+        say(f"wrote LoRA {path} ({len(tensors) // 3} modules); copy it to ComfyUI/models/loras/")
+    if export in ("checkpoint", "both"):
+        if groups:  # fold the LoRA into the base weights so the checkpoint has plain keys
+            remove_lora(backend.unet, merge=True)
+            remove_lora(backend.te_root, merge=True)
+        backend.unet.to(dtype)  # UNet and text encoder in --save-dtype (SD1.5: 2 GB in fp16, 4 GB in fp32)
+        backend.te.to(dtype)
+        path = os.path.join(out, f"{name}_full.safetensors")
+        backend.save_full_checkpoint(path, kohya.build_metadata(kind="checkpoint", **common))
+        say(f"wrote checkpoint {path}; copy it to ComfyUI/models/checkpoints/")
+
+
+def run(cfg: dict, backend_factory=None) -> int:
+    """The whole job; returns the process exit code (0 done, 130 interrupted)."""
+    started = time.time()
+    rank, world = _init_distributed()
+    device = _device(cfg)
+    mp = _resolve_precision(cfg, device)
+    out = cfg["output"]
+    os.makedirs(out, exist_ok=True)
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    samples, artist, styles = _load_data(cfg, say)
+    backend = backend_factory() if backend_factory is not None else _load_backend(cfg, device, mp)
+    if cfg["clip_filter"]:
+        samples = _clip_filtered(cfg, samples, device, out, rank, say)
+    assign_buckets(samples, cfg["resolution"], cfg["buckets"], cfg["bucket_step"], cfg["max_aspect"])
+    latents = _cached_latents(cfg, samples, backend, out, rank)
+    say(f"{len(samples)} images of {artist} in {len(set(s.bucket for s in samples))} bucket(s)")
+    params, groups = _trainable(cfg, backend)
+    trainer = _trainer(cfg, backend, params, samples, latents, artist, out, device, mp, rank, world, say)
     result = trainer.train(progress=cfg["progress"])
     if result.interrupted:
         return 130
-
-    # ---- export (rank 0)
     if rank == 0:
         if trainer.ema is not None:
             trainer.ema.copy_to(trainer.flat_params())
-        export = cfg["export"] if cfg["export"] != "auto" else ("lora" if cfg["method"] == "lora" else "checkpoint")
-        base_hash = file_hash(cfg["checkpoint"])
-        md_args = dict(cfg, lr_unet=cfg["lr"], mixed_precision=mp, num_processes=world)
-        common = dict(artist=artist, styles=styles, trigger=cfg["trigger"], caption_template=cfg["caption_template"],
-                      base_model_name=os.path.basename(cfg["checkpoint"]), base_model_hash=base_hash,
-                      base_model_legacy_hash=kohya.legacy_model_hash(cfg["checkpoint"]), training_args=md_args,
-                      num_images=len(samples), steps=cfg["steps"], resolution=cfg["resolution"], started_at=started)
-        if export in ("lora", "both"):
-            if cfg["method"] != "lora":
-                raise SystemExit("error: --export lora needs --method lora")
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg["save_dtype"]]
-            tensors = lora_state_dict(groups, dtype)
-            mapped = backend.lora_key_map()
-            unmapped = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
-                               for k in tensors} - mapped)
-            if unmapped:
-                raise SystemExit(f"internal error: {len(unmapped)} LoRA keys would not load in ComfyUI, "
-                                 f"e.g. {unmapped[:3]}")
-            md = kohya.build_metadata(rank=cfg["rank"], alpha=cfg["alpha"], kind="lora", **common)
-            path = os.path.join(out, f"{name}.safetensors")
-            kohya.save_lora(path, tensors, md)
-            say(f"wrote LoRA {path} ({len(tensors) // 3} modules); copy it to ComfyUI/models/loras/")
-        if export in ("checkpoint", "both"):
-            if groups:  # fold the LoRA into the base weights so the checkpoint has plain keys
-                remove_lora(backend.unet, merge=True)
-                remove_lora(backend.te_root, merge=True)
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg["save_dtype"]]
-            backend.unet.to(dtype)  # UNet and text encoder in --save-dtype (SD1.5: 2 GB in fp16, 4 GB in fp32)
-            backend.te.to(dtype)
-            md = kohya.build_metadata(kind="checkpoint", **common)
-            path = os.path.join(out, f"{name}_full.safetensors")
-            backend.save_full_checkpoint(path, md)
-            say(f"wrote checkpoint {path}; copy it to ComfyUI/models/checkpoints/")
+        _export(cfg, backend, groups, samples, artist, styles, cfg["output_name"] or _slug(artist), out, mp, world,
+                started, say)
     _barrier()
     return 0
-
-
-def _write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
 
 
 def _barrier():
@@ -359,7 +370,7 @@ def main(argv=None) -> int:
     os.makedirs(cfg["output"], exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
         text = json.dumps(cfg, indent=1, sort_keys=True, default=str)
-        _write_text(os.path.join(cfg["output"], "config.json"), text)
+        atomic_write(os.path.join(cfg["output"], "config.json"), text)
     try:
         code = run(cfg)
     except KeyboardInterrupt:  # before the training loop owns Ctrl-C (loading, caching): nothing to save yet
@@ -374,6 +385,3 @@ def main(argv=None) -> int:
         pass
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ import hashlib
 import json
 import time
 
-from .data import atomic_write
+from ..common.files import atomic_write
 
 ATELIER_FORMAT = "1"
 DEFAULT_PROMPT_TEMPLATE = "{trigger}, a painting by {artist}, {style}"

@@ -15,12 +15,13 @@ import math
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ..common.files import atomic_folder
 
 CHECKPOINT_FORMAT = 1
 
@@ -391,26 +392,17 @@ class Trainer:
 
 # ---------------------------------------------------------------- checkpoint files
 def write_checkpoint(path: str, tensors: dict, info: dict) -> None:
+    """The resumable state as a folder (state.safetensors + state.json), swapped in whole or not at all."""
     from safetensors.torch import save_file
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
-        save_file(tensors, os.path.join(tmp, "state.safetensors"))
-        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):  # re-saving the same step (e.g. end of a resumed run): replace it whole
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"could not write checkpoint {path}: {e}. Nothing half-written was left; "
-                                  "earlier checkpoints are intact. Free disk space and resume with --resume.") from e
-        raise
+        with atomic_folder(path) as tmp:
+            save_file(tensors, os.path.join(tmp, "state.safetensors"))
+            with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
+                json.dump(info, f, indent=1)
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {path}: {e}. Nothing half-written was left; "
+                              "earlier checkpoints are intact. Free disk space and resume with --resume.") from e
 
 
 def read_checkpoint(path: str):

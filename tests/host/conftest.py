@@ -29,10 +29,10 @@ import pathlib
 
 import pytest
 
-from runner import convert
-from runner.run import ensure_requirements, model_references
-from runner.server import ComfyError, ComfyNotFound, ComfyServer, find_comfyui, find_python
-from runner.tiny import ensure_tiny_sd15, place_checkpoint
+from atelier.runner import convert, run
+from atelier.runner.run import ensure_requirements, model_references
+from atelier.runner.server import ComfyError, ComfyNotFound, ComfyServer, find_comfyui, find_python
+from atelier.runner.tiny import ensure_tiny_sd15, place_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -107,7 +107,15 @@ def checkpoint_names(workflow_paths, object_info):
 
 
 class HostServer(ComfyServer):
-    """ComfyServer plus the tiny checkpoint bookkeeping the host tests need."""
+    """ComfyServer plus what the host tests use: running prompts and workflows, tiny checkpoint names."""
+
+    def run_api(self, prompt, timeout=600, progress=None):
+        """Queue an API-format prompt and wait: a RunResult (.outputs, .files, .status), or RunError."""
+        return run.run_api(self, prompt, timeout=timeout, progress=progress)
+
+    def run_workflow(self, workflow, overrides=None, timeout=600, progress=None):
+        """Convert a UI-format workflow (path, JSON text or dict) and run it; see run_api."""
+        return run.run_workflow(self, workflow, overrides=overrides, timeout=timeout, progress=progress)
 
     def add_checkpoint_names(self, names):
         place_checkpoint(self.tiny_checkpoint, self.models_dir / "checkpoints", names)

@@ -6,7 +6,7 @@ full): one UNet projection and one text-encoder projection.
 """
 import torch
 
-from training import kohya
+from atelier.training import kohya
 
 
 def prepare(server):

@@ -9,11 +9,7 @@ import hashlib
 import os
 import pathlib
 import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 UNCLIP_NAME = "tiny_sd21_unclip_h.safetensors"
 CLIP64 = "Atelier-Tiny-ViT"
@@ -78,18 +74,18 @@ save_file({k: v.contiguous().to(torch.float16) for k, v in sd.items()}, argv[1])
 
 def ensure_tiny_unclip(server):
     """Path of the cached tiny unCLIP-H checkpoint (about 1.1 GB, ~1.5 min to build once on 2 cores)."""
-    from runner.tiny import cache_dir, locked
+    from atelier.common.files import cache_dir, locked
 
     key = hashlib.sha256(UNCLIP_MAKER.encode()).hexdigest()[:12]
-    target = cache_dir() / f"tiny_sd21_unclip_h_{key}.safetensors"
+    target = pathlib.Path(cache_dir()) / f"tiny_sd21_unclip_h_{key}.safetensors"
     if target.is_file():
         return target
     with locked(str(target) + ".lock"):
         if target.is_file():
             return target
-        script = cache_dir() / f"make_tiny_unclip_{key}.py"
+        script = pathlib.Path(cache_dir()) / f"make_tiny_unclip_{key}.py"
         script.write_text(UNCLIP_MAKER, encoding="utf-8")
-        partial = target.with_name(target.name + f".{os.getpid()}.part")
+        partial = target.with_name(f"{target.stem}.{os.getpid()}.part{target.suffix}")
         env = dict(os.environ, PYTHONPATH=str(server.comfyui_path))
         proc = subprocess.run([str(server.python), str(script), str(partial)], cwd=server.comfyui_path, env=env,
                               capture_output=True, text=True, timeout=900)
@@ -102,9 +98,9 @@ def ensure_tiny_unclip(server):
 
 
 def prepare(server):
-    from retrieval.build import build_db
-    from retrieval.embedder import OpenClipEmbedder
-    from retrieval.testing import make_tiny_open_clip, make_wikiart_folder
+    from atelier.retrieval.build import build_db
+    from atelier.retrieval.embedder import OpenClipEmbedder
+    from tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
 
     models = pathlib.Path(server.base_dir) / "models"
     clip_dir = models / "open_clip"
@@ -116,7 +112,7 @@ def prepare(server):
         clip = OpenClipEmbedder(name, str(weights), device="cpu")
         build_db(images, models / "atelier_style_db" / db, clip, metadata_file=images / "metadata.csv",
                  log=lambda m: None)
-    from runner.tiny import place_checkpoint
+    from atelier.runner.tiny import place_checkpoint
 
     place_checkpoint(ensure_tiny_unclip(server), models / "checkpoints", [UNCLIP_NAME])
     server.retrieval_images = images

@@ -1,6 +1,6 @@
 """Artist training and loading against a real ComfyUI (issue 9).
 
-One module fixture runs ``training/finetune_artist.py`` for 3 steps with ComfyUI's Python on the tiny
+One module fixture runs ``python -m training finetune`` for 3 steps with ComfyUI's Python on the tiny
 random SD1.5 checkpoint and a few generated WikiArt-named images, then drops the LoRA and the full
 checkpoint into the session server's model folders (under the names workflows/artist_lora_plms.json uses).
 
@@ -38,10 +38,10 @@ def make_images(folder):
 
 def run_cli(server, *args, check=True):
     env = dict(os.environ, COMFYUI_PATH=str(server.comfyui_path))
-    proc = subprocess.run([str(server.python), str(ROOT / "training" / "finetune_artist.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=1200)
+    proc = subprocess.run([str(server.python), "-m", "training", "finetune", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200)
     if check and proc.returncode != 0:
-        raise AssertionError(f"finetune_artist.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"python -m training finetune failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -131,7 +131,7 @@ def test_full_checkpoint_loads_in_checkpointloadersimple(comfy_server, trained):
 
 
 def test_lora_for_another_base_model_is_refused(comfy_server, trained):
-    from runner.run import RunError
+    from atelier.runner.run import RunError
 
     alien = {"lora_unet_label_emb_0_0.lora_down.weight": torch.zeros(4, 2816),  # SDXL-only layers
              "lora_unet_label_emb_0_0.lora_up.weight": torch.zeros(1280, 4),
@@ -169,12 +169,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(comfy_server, trained, tm
     import time
 
     out = tmp_path / "run"
-    args = [str(comfy_server.python), str(ROOT / "training" / "finetune_artist.py"), "--data", str(trained["data"]),
+    args = [str(comfy_server.python), "-m", "training", "finetune", "--data", str(trained["data"]),
             "--checkpoint", str(trained["base"]), "--output", str(out), "--resolution", "64", "--no-progress",
             "--checkpoint-every", "1", "--keep-checkpoints", "0"]
     env = dict(os.environ, COMFYUI_PATH=str(comfy_server.comfyui_path))
-    proc = subprocess.Popen(args + ["--steps", "200"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(args + ["--steps", "200"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 900
     while not (out / "checkpoints" / "step-000001").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
@@ -184,10 +184,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(comfy_server, trained, tm
     assert proc.returncode == 130, text
     assert "interrupted at step" in text and "--resume" in text
     steps = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert steps and all(not p.startswith(".tmp") for p in steps)
+    assert steps and all(not p.startswith(".") for p in steps)  # no temporary folder left behind
     stopped_at = int(steps[-1].split("-")[1])
     assert 1 <= stopped_at < 200
     assert not (out / LORA).exists()  # no export from an interrupted run
-    done = run_cli(comfy_server, *args[2:], "--steps", stopped_at + 1, "--resume")
+    done = run_cli(comfy_server, *args[4:], "--steps", stopped_at + 1, "--resume")
     assert f"resumed from {out / 'checkpoints' / steps[-1]} at step {stopped_at}" in done.stdout
     assert (out / LORA).is_file()

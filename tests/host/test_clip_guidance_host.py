@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner.server import ComfyError
+from atelier.runner.server import ComfyError
 
 HERE = pathlib.Path(__file__).parent
 pytestmark = pytest.mark.host
@@ -53,7 +53,7 @@ def pixels(result):
 
 @pytest.fixture(scope="module")
 def arch(comfy_server):
-    from retrieval.testing import TINY_NAME
+    from tests.fixtures.tiny_clip import TINY_NAME
 
     assert (comfy_server.base_dir / "models" / "open_clip" / CLIP_FILE).is_file(), "prepare_clip_guidance.py did not run"
     return TINY_NAME

@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from runner import convert
-from runner.run import RunError
+from atelier.runner import convert
+from atelier.runner.run import RunError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from runner.server import find_comfyui, find_python
+from atelier.runner.server import find_comfyui, find_python
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "bench_multistage.py"
@@ -79,7 +79,7 @@ def _preview(prompt, node, slot=1):
 
 def test_text_and_prompt_editing_nodes_with_a_real_clip(comfy_server):
     """Through the server: real CLIP encoding, the UI text, and a readable error naming the node."""
-    from runner.run import RunError
+    from atelier.runner.run import RunError
 
     common = {"model": ["1", 0], "clip": ["1", 1], "sampler_name": "euler", "scheduler": "karras", "steps": 20,
               "denoise": 1.0}

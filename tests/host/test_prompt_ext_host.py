@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from runner import convert
+from atelier.runner import convert
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / "workflows" / "prompt_extension.json"
@@ -50,7 +50,7 @@ def test_workflow_bundled_base_retrieval_only(comfy_server):
 
 
 def test_workflow_with_tiny_gpt2_and_switched_off(comfy_server):
-    from prompt_ext.tiny import make_tiny_gpt2
+    from tests.fixtures.tiny_lm import make_tiny_gpt2
 
     make_tiny_gpt2(str(comfy_server.base_dir / "models" / "prompt_expansion" / "tiny-gpt2"))
     info = comfy_server.object_info(refresh=True)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner import convert
-from runner.run import RunError
+from atelier.runner import convert
+from atelier.runner.run import RunError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WF = ROOT / "workflows"

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from runner import run
-from runner.run import RunError
-from runner.server import port_in_use
+from atelier.runner import run
+from atelier.runner.run import RunError
+from atelier.runner.server import port_in_use
 
 pytestmark = pytest.mark.host
 

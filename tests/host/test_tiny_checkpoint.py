@@ -1,17 +1,16 @@
 """The tiny SD1.5 checkpoint the host layer and ``--tiny`` use, built by the project's own runner/tiny_sd15.py.
 
 Checked two ways: the file itself (key layout, initial values of every norm and bias) read in this process,
-and the builder's ``--check`` run again with ComfyUI's Python (ComfyUI detects SD1.5, ε varies, the VAE
+and the builder's ``--check`` (runner/tiny_sd15.py) run again with ComfyUI's Python (ComfyUI detects SD1.5, ε varies, the VAE
 decodes finite values, two prompts give different conditionings).
 """
 import json
-import os
 import subprocess
 
 import pytest
 from safetensors import safe_open
 
-from runner.tiny import BUILDER
+from atelier.runner.tiny import builder_command, builder_env
 
 CLIP_PREFIX = "cond_stage_model.transformer."
 
@@ -48,8 +47,8 @@ def test_conv_and_linear_weights_have_std_one_over_sqrt_fan_in(tensors):
 
 
 def test_comfyui_detects_sd15_and_the_model_is_usable(comfy_server):
-    proc = subprocess.run([str(comfy_server.python), str(BUILDER), "--check", str(comfy_server.tiny_checkpoint)],
-                          cwd=comfy_server.comfyui_path, env=dict(os.environ, PYTHONPATH=str(comfy_server.comfyui_path)),
+    proc = subprocess.run(builder_command(comfy_server.python, "--check", comfy_server.tiny_checkpoint),
+                          cwd=comfy_server.comfyui_path, env=builder_env(comfy_server.comfyui_path),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -5,8 +5,8 @@ import struct
 
 import pytest
 
-from upscale.tiled import plan_axis
-from upscale.tiny import DEFAULT_FILE, write_tiny_swinir
+from atelier.upscale.tiled import plan_axis
+from tests.fixtures.tiny_swinir import DEFAULT_FILE, write_tiny_swinir
 
 pytestmark = pytest.mark.host
 

@@ -3,6 +3,7 @@
 ``schema_problems`` lists what is wrong with one node class; it is run on every node in the pack's
 NODE_CLASS_MAPPINGS and, so that the checker itself is tested, on hand-made good and bad classes.
 """
+import importlib
 import inspect
 import json
 import math
@@ -149,19 +150,8 @@ def schema_problems(node_id, cls, display_names):
     return problems
 
 
-def load_pack():
-    """tests/conftest.py's load_pack (imported by path: several conftest modules share that name)."""
-    import importlib.util
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("atelier_tests_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.load_pack()
-
-
 def pack_nodes():
-    pack = load_pack()
+    pack = importlib.import_module("atelier.nodes")
     return pack, sorted(pack.NODE_CLASS_MAPPINGS.items())
 
 

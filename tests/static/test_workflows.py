@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-from runner import convert
+from atelier.runner import convert
 
 from test_node_schemas import PACK, SNAPSHOT
 

@@ -13,7 +13,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from runner.server import ComfyServer  # noqa: E402
+from atelier.runner.server import ComfyServer  # noqa: E402
 
 OUT = pathlib.Path(__file__).with_name("core_object_info.json")
 KEEP_OPTIONS = ("default", "min", "max", "options", "control_after_generate", "forceInput",

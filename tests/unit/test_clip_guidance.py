@@ -9,11 +9,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _clip_guidance_fixtures import (  # noqa: E402
+from tests.fixtures.clip_guidance_toys import (  # noqa: E402
     TinyClip, ToyDecoder, gaussian_denoiser, karras_sigmas, sample_euler,
 )
 
-from samplers import clip_guidance as cg  # noqa: E402
+from atelier.samplers import clip_guidance as cg  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------- fixtures

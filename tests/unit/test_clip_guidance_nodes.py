@@ -7,12 +7,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _clip_guidance_fixtures import TinyClip  # noqa: E402
+from tests.fixtures.clip_guidance_toys import TinyClip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def mod(pack):
-    from atelier_pack.nodes import clip_guidance
+    from atelier.nodes import clip_guidance
     return clip_guidance
 
 

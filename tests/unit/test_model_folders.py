@@ -20,7 +20,7 @@ def fake_folder_paths(monkeypatch, tmp_path):
 
 
 def test_registers_pack_folders_and_keeps_user_paths(pack, fake_folder_paths):
-    from atelier_pack.nodes import _paths
+    from atelier.host import folders as _paths
 
     assert _paths.register_model_folders() is True
     fnp = fake_folder_paths.folder_names_and_paths
@@ -36,9 +36,9 @@ def test_registers_pack_folders_and_keeps_user_paths(pack, fake_folder_paths):
 
 
 def test_model_folder_creates_first_path(pack, fake_folder_paths):
-    from atelier_pack.nodes import _paths
+    from atelier.host import folders as _paths
 
     _paths.register_model_folders()
-    path = _paths.model_folder("atelier_style_db")
+    path = _paths.first_path("atelier_style_db")
     assert path.endswith("models/atelier_style_db")
     assert __import__("os").path.isdir(path)

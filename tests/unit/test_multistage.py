@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from samplers import multistage as ms
+from atelier.samplers import multistage as ms
 
 
 class SD15Discrete:

@@ -21,7 +21,7 @@ def mod(pack, monkeypatch):
 
     helpers.conditioning_set_values = conditioning_set_values
     monkeypatch.setitem(sys.modules, "node_helpers", helpers)
-    return sys.modules["atelier_pack.nodes.multistage"]
+    return sys.modules["atelier.nodes.multistage"]
 
 
 class FakeModel:
@@ -139,7 +139,7 @@ def test_prompt_editing_node(mod):
 
 def test_gate_helper_agrees(mod):
     # sanity: the helper used above is ComfyUI's rule (same as test_multistage.gate)
-    from samplers import multistage as ms
+    from atelier.samplers import multistage as ms
 
     sig = karras(5, MODEL.sigma_min, MODEL.sigma_max)
     plan = ms.plan_stages(sig, [2, 3], MODEL.percent_to_sigma)

@@ -6,7 +6,7 @@ counting, escapes and nesting.
 """
 import pytest
 
-from samplers import prompt_editing as pe
+from atelier.samplers import prompt_editing as pe
 
 A1111_DOCUMENTED = [
     ("test", [[10, "test"]]),

@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from samplers.plms import AB_COEFFS, ab_combine, ddim_ancestral_sigmas, sample_plms
+from atelier.samplers.plms import AB_COEFFS, ab_combine, ddim_ancestral_sigmas, sample_plms
 
 F64 = torch.float64
 

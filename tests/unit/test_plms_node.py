@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture
 def plms_node(pack):
-    return sys.modules[f"{pack.__name__}.nodes.plms"]
+    return sys.modules["atelier.nodes.plms"]
 
 
 def fake_comfy(monkeypatch, names=("euler", "ipndm"), **k_attrs):

@@ -8,9 +8,9 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from prompt_ext import kb as kbmod
-from prompt_ext.__main__ import main as cli
-from prompt_ext.wiki import iter_jsonl, iter_wiki_dump, strip_wiki_markup
+from atelier.prompt_ext import kb as kbmod
+from atelier.prompt_ext.cli import main as cli
+from atelier.prompt_ext.wiki import iter_jsonl, iter_wiki_dump, strip_wiki_markup
 
 VOCAB = ["amber", "birch", "canal", "delta", "ember", "fjord", "grove", "harbor", "iris", "jade", "kiln", "lagoon",
          "meadow", "nectar", "orchard", "pebble", "quarry", "reef", "spruce", "tundra", "umber", "valley", "willow",

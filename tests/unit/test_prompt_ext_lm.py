@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from prompt_ext import extend as ext
-from prompt_ext import lm as lmmod
-from prompt_ext.tiny import make_tiny_gpt2, make_tiny_t5
-from prompt_ext.window import WINDOW, ClipTokenCounter
+from atelier.prompt_ext import extend as ext
+from atelier.prompt_ext import lm as lmmod
+from tests.fixtures.tiny_lm import make_tiny_gpt2, make_tiny_t5
+from atelier.prompt_ext.window import WINDOW, ClipTokenCounter
 
 torch = pytest.importorskip("torch")
 
@@ -121,7 +121,7 @@ def test_lm_failure_while_generating_falls_back_to_retrieval():
 
 @pytest.fixture
 def node(pack, models, monkeypatch):
-    from atelier_pack.nodes import prompt_ext as mod
+    from atelier.nodes import prompt_ext as mod
 
     def dirs(kind):
         if kind != "lm":
@@ -191,8 +191,8 @@ def test_local_ner_model_adds_its_entities(tmp_path):
     """A token-classification folder (random tiny BERT, labels O/LOC/DATE) runs through the NER path."""
     from transformers import BertConfig, BertForTokenClassification
 
-    from prompt_ext.entities import EntityCounter, NerModel, is_token_classifier
-    from prompt_ext.tiny import save_word_tokenizer
+    from atelier.prompt_ext.entities import EntityCounter, NerModel, is_token_classifier
+    from tests.fixtures.tiny_lm import save_word_tokenizer
 
     d = tmp_path / "tiny-ner"
     n = save_word_tokenizer(str(d), "gpt2")

@@ -4,11 +4,11 @@ import math
 
 import pytest
 
-from prompt_ext import extend as ext
-from prompt_ext import kb as kbmod
-from prompt_ext.entities import EntityCounter
-from prompt_ext.tfidf import TfidfEncoder, TfidfModel, terms
-from prompt_ext.window import WINDOW, ClipTokenCounter, _tokenizer_module
+from atelier.prompt_ext import extend as ext
+from atelier.prompt_ext import kb as kbmod
+from atelier.prompt_ext.entities import EntityCounter
+from atelier.prompt_ext.tfidf import TfidfEncoder, TfidfModel, terms
+from atelier.prompt_ext.window import WINDOW, ClipTokenCounter, _tokenizer_module
 
 
 @pytest.fixture(autouse=True)

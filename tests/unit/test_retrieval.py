@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval import build as B
-from retrieval.db import (FORMAT_VERSION, Filters, StyleDBError, load_db, topk, write_db)
-from retrieval.embedder import OpenClipEmbedder
-from retrieval.testing import make_tiny_open_clip, make_wikiart_folder
+from atelier.common import artdata
+from atelier.retrieval import build as B
+from atelier.retrieval.db import (FORMAT_VERSION, Filters, StyleDBError, load_db, topk, write_db)
+from atelier.retrieval.embedder import OpenClipEmbedder
+from tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
 
 N_IMAGES = 14
 
@@ -80,15 +81,15 @@ def same_db(a, b):
     ("holiday.png", {"artist": "", "style": "", "title": "Holiday", "year": ""}),
 ])
 def test_wikiart_names_parse(rel, expected):
-    got = B.parse_wikiart(rel)
+    got = artdata.parse_wikiart(rel)
     assert {k: got[k] for k in expected} == expected
 
 
 def test_metadata_table_csv_and_jsonl(tmp_path):
     (tmp_path / "m.csv").write_text("file,genre,year\nMonet/a.jpg,landscape,1900\n")
     (tmp_path / "m.jsonl").write_text(json.dumps({"path": "b.jpg", "genre": "portrait"}) + "\n")
-    assert B.row_metadata("Monet/a.jpg", B.load_metadata_table(str(tmp_path / "m.csv")))["genre"] == "landscape"
-    assert B.row_metadata("x/b.jpg", B.load_metadata_table(str(tmp_path / "m.jsonl")))["genre"] == "portrait"
+    assert artdata.row_metadata("Monet/a.jpg", B.load_metadata_table(str(tmp_path / "m.csv")))["genre"] == "landscape"
+    assert artdata.row_metadata("x/b.jpg", B.load_metadata_table(str(tmp_path / "m.jsonl")))["genre"] == "portrait"
     (tmp_path / "bad.csv").write_text("genre\nlandscape\n")
     with pytest.raises(StyleDBError, match="no file column"):
         B.load_metadata_table(str(tmp_path / "bad.csv"))
@@ -337,7 +338,7 @@ def test_shards_merge_to_the_single_build(tiny, folder, built, tmp_path):
 
 
 def test_cli_build_info_search(tiny, folder, tmp_path, capsys):
-    from retrieval.__main__ import main
+    from atelier.retrieval.cli import main
 
     cfg = os.path.join(os.path.dirname(tiny.weights_path), "open_clip_configs", f"{tiny.name}.json")
     common = ["--arch", tiny.name, "--weights", tiny.weights_path, "--model-config", cfg, "--device", "cpu"]

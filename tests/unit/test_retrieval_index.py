@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-import retrieval.db as D
-
+import atelier.retrieval.db as D
 # Stated floor for recall@19 of the auto-tuned IVF index on fresh queries (the builder tunes nprobe to reach
 # RECALL_FLOOR = 0.95 on its own held-out queries; fresh queries are allowed a little slack).
 RECALL_AT_19_FLOOR = 0.90

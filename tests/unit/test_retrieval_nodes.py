@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.neighbors import Neighbors
-from retrieval.present import letterbox, preview_batch, style_prompt, unclip_embeddings
+from atelier.retrieval.neighbors import Neighbors
+from atelier.retrieval.present import letterbox, preview_batch, style_prompt, unclip_embeddings
 
 
 def neighbours(dim=8, k=3, name="Atelier-Tiny-ViT"):
@@ -94,7 +94,7 @@ def fake_comfy(monkeypatch):
 
 
 def test_unclip_node_appends_entries(pack, fake_comfy):
-    node = pack.nodes.retrieval.AtelierNeighborsToUnCLIP()
+    node = pack.retrieval.AtelierNeighborsToUnCLIP()
     cond = [[torch.zeros(1, 77, 8), {"pooled_output": None}]]
     n = neighbours()
     (out,) = node.apply(cond, n, 0.6, 0.2, "each", 0)
@@ -116,10 +116,10 @@ def test_unclip_node_appends_entries(pack, fake_comfy):
 
 
 def test_retriever_node(pack, tmp_path):
-    from retrieval import build as B
-    from retrieval.db import load_db
-    from retrieval.embedder import OpenClipEmbedder
-    from retrieval.testing import make_tiny_open_clip, make_wikiart_folder
+    from atelier.retrieval import build as B
+    from atelier.retrieval.db import load_db
+    from atelier.retrieval.embedder import OpenClipEmbedder
+    from tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
 
     make_wikiart_folder(tmp_path / "imgs", n=6)
     name, path = make_tiny_open_clip(tmp_path / "tiny.safetensors")
@@ -127,7 +127,7 @@ def test_retriever_node(pack, tmp_path):
     B.build_db(tmp_path / "imgs", tmp_path / "db", clip, metadata_file=tmp_path / "imgs" / "metadata.csv",
                log=lambda m: None)
     db = load_db(tmp_path / "db")
-    node = pack.nodes.retrieval.AtelierStyleRetriever()
+    node = pack.retrieval.AtelierStyleRetriever()
     imgs, nb, rep, prompt = node.retrieve(db, clip, "a quiet pond", 19, 0.5, "", "", "", 0, 0, 64)
     assert imgs.shape == (6, 64, 64, 3) and len(nb) == 6 and "only 6" in rep
     assert prompt.startswith("a quiet pond, painting by ")
@@ -141,7 +141,7 @@ def test_retriever_node(pack, tmp_path):
 
 
 def test_node_schemas_have_tooltips(pack):
-    mod = pack.nodes.retrieval
+    mod = pack.retrieval
     for node_id, cls in mod.NODE_CLASS_MAPPINGS.items():
         assert node_id.startswith("Atelier") and cls.CATEGORY.startswith("atelier/")
         spec = cls.INPUT_TYPES()
@@ -152,7 +152,7 @@ def test_node_schemas_have_tooltips(pack):
 
 
 def test_architecture_guess_from_file_name(pack):
-    guess = pack.nodes.retrieval._guess_architecture
+    guess = pack.retrieval._guess_architecture
     names = ["ViT-L-14", "ViT-L-14-336", "ViT-B-32", "ViT-H-14"]
     assert guess("ViT-L-14-336-openai.safetensors", names) == "ViT-L-14-336"
     assert guess("sub/ViT-H-14-laion2b_s32b_b79k.safetensors", names) == "ViT-H-14"

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from runner import convert
-from runner.convert import WorkflowError, ui_to_api
+from atelier.runner import convert
+from atelier.runner.convert import WorkflowError, ui_to_api
 
 SEED = ["INT", {"default": 0, "min": 0, "max": 2**64 - 1, "control_after_generate": True}]
 INFO = {

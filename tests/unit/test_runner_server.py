@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from runner import run, server
-from runner.server import ComfyNotFound, ComfyServer, PackImportFailed, PortInUse, ServerStartError
+from atelier.runner import run, server
+from atelier.runner.server import ComfyNotFound, ComfyServer, PackImportFailed, PortInUse, ServerStartError
 
 FAKE_HTTP_MAIN = """
 import http.server, json, sys
@@ -266,7 +266,7 @@ def test_missing_requirements_checks_names_and_versions(tmp_path):
 
 
 def test_parse_override_values_are_json_or_text():
-    from runner.convert import parse_override
+    from atelier.runner.convert import parse_override
     assert parse_override("3.steps=4") == ("3", "steps", 4)
     assert parse_override("Positive prompt.text=a red fox") == ("Positive prompt", "text", "a red fox")
     assert parse_override('KSampler.cfg=7.5') == ("KSampler", "cfg", 7.5)
@@ -281,7 +281,7 @@ def test_comfyui_found_from_the_custom_nodes_folder_the_pack_is_linked_into(tmp_
     (root / "custom_nodes" / "atelier").symlink_to(server.PACK_ROOT, target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
     env["PYTHONPATH"] = str(root / "custom_nodes" / "atelier")
-    out = subprocess.run([sys.executable, "-c", "from runner.server import find_comfyui; print(find_comfyui())"],
+    out = subprocess.run([sys.executable, "-c", "from atelier.runner.server import find_comfyui; print(find_comfyui())"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(root.resolve())
@@ -446,7 +446,7 @@ def test_server_ends_when_its_parent_is_killed(tmp_path):
     parent_source = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(server.PACK_ROOT)!r})
-        from runner.server import ComfyServer
+        from atelier.runner.server import ComfyServer
         srv = ComfyServer({str(root)!r}, python=sys.executable, cpu=True, startup_timeout=60,
                           expected_nodes=["AtelierDemo"]).start()
         open({str(pid_file)!r}, "w").write(str(srv.proc.pid))

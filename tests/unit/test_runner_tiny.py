@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from runner import tiny
-from runner.server import ComfyError
+from atelier.runner import tiny
+from atelier.runner.server import ComfyError
 
 FAKE_BUILDER = """
 import pathlib, sys
@@ -26,6 +26,7 @@ def fake_tool(tmp_path, monkeypatch):
     tool.parent.mkdir()
     tool.write_text(FAKE_BUILDER)
     monkeypatch.setattr(tiny, "BUILDER", tool)
+    monkeypatch.setattr(tiny, "builder_command", lambda python, *args: [str(python), str(tool), *map(str, args)])
     monkeypatch.setenv("ATELIER_CACHE_DIR", str(tmp_path / "cache"))
     return tool
 

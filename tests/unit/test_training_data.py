@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training import data as D
-from training.testing import torch_threads
+from atelier.training import data as D
+from tests.fixtures.training_toys import torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -161,14 +161,3 @@ def test_clip_filter_on_tiny_random_clip(tmp_path):
                                                             abs=1e-5)
     assert 0 < len(dropped) < len(samples)
     assert len(D.clip_filter(samples, clip, -1.0)[0]) == 5 and len(D.clip_filter(samples, clip, 1.01)[1]) == 5
-
-
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(b"half")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError, match="No space"):
-        D.atomic_write(str(tmp_path / "out.bin"), write)
-    assert list(tmp_path.iterdir()) == []

@@ -5,9 +5,9 @@ import signal
 import pytest
 import torch
 
-from training.loop import (CheckpointError, NoiseSchedule, TrainConfig, enable_gradient_checkpointing,
+from atelier.training.loop import (CheckpointError, NoiseSchedule, TrainConfig, enable_gradient_checkpointing,
                            latest_checkpoint, scaled_linear_alphas_cumprod)
-from training.testing import CAPTIONS, ddp_worker, make_toy_trainer as make_trainer, torch_threads
+from tests.fixtures.training_toys import CAPTIONS, ddp_worker, make_toy_trainer as make_trainer, torch_threads
 
 
 @pytest.fixture(autouse=True)

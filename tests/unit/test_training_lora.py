@@ -4,10 +4,10 @@ import torch
 from torch import nn
 from safetensors import safe_open
 
-from training import kohya
-from training.lora import (LoRAModule, TEXT_ENCODER_TARGETS, inject_lora, kohya_key, load_lora_state_dict,
+from atelier.training import kohya
+from atelier.training.lora import (LoRAModule, TEXT_ENCODER_TARGETS, inject_lora, kohya_key, load_lora_state_dict,
                            lora_state_dict, remove_lora, wrap_module)
-from training.testing import ToyTextEncoder, ToyUNet, torch_threads
+from tests.fixtures.training_toys import ToyTextEncoder, ToyUNet, torch_threads
 
 
 @pytest.fixture(autouse=True)

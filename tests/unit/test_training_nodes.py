@@ -1,5 +1,5 @@
 """Artist Loader nodes without ComfyUI: schemas and the key-matching report they rely on."""
-from training import kohya
+from atelier.training import kohya
 
 
 def test_match_report_counts_unmatched_modules():
@@ -12,7 +12,7 @@ def test_match_report_counts_unmatched_modules():
 
 
 def test_artist_node_schemas(pack):
-    from atelier_pack.nodes import artist
+    from atelier.nodes import artist
 
     for cls in (artist.AtelierArtistLoader, artist.AtelierArtistCheckpointLoader):
         spec = cls.INPUT_TYPES()["required"]

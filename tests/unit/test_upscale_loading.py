@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from upscale.tiny import tiny_swinir, tiny_swinir_state_dict
-from upscale.loading import UpscaleModelError, is_swinir, load_upscale_model, read_state_dict
+from tests.fixtures.tiny_swinir import tiny_swinir, tiny_swinir_state_dict
+from atelier.upscale.loading import UpscaleModelError, is_swinir, load_upscale_model, read_state_dict
 
 
 @pytest.fixture(scope="module")

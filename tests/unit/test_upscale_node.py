@@ -7,10 +7,10 @@ import types
 import pytest
 import torch
 
-from upscale.tiny import tiny_swinir
-from upscale.channels import luma
-from upscale.resize import resize
-from upscale.tiled import upscale_tiled
+from tests.fixtures.tiny_swinir import tiny_swinir
+from atelier.upscale.channels import luma
+from atelier.upscale.resize import resize
+from atelier.upscale.tiled import upscale_tiled
 
 
 class Bar:
@@ -51,7 +51,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def node(pack):
-    from atelier_pack.nodes.upscale import AtelierSwinIRUpscale
+    from atelier.nodes.upscale import AtelierSwinIRUpscale
 
     return AtelierSwinIRUpscale()
 
@@ -69,7 +69,7 @@ def bhwc(*shape, seed=0):
 
 def test_schema_and_mapping(pack):
     assert "AtelierSwinIRUpscale" in pack.NODE_CLASS_MAPPINGS
-    from atelier_pack.nodes.upscale import AtelierSwinIRUpscale as N
+    from atelier.nodes.upscale import AtelierSwinIRUpscale as N
 
     spec = N.INPUT_TYPES()["required"]
     assert spec["upscale_model"][0] == "UPSCALE_MODEL" and spec["image"][0] == "IMAGE"

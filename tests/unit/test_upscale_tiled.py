@@ -7,8 +7,8 @@ weights, loaded back through ``ModelLoader`` so it is a real descriptor whose ti
 import pytest
 import torch
 
-from upscale.tiny import tiny_swinir
-from upscale.tiled import (
+from tests.fixtures.tiny_swinir import tiny_swinir
+from atelier.upscale.tiled import (
     TileOOMError, TileReport, blend_weights, plan_axis, receptive_radius, requirements_of, upscale_tiled,
 )
 
@@ -287,7 +287,7 @@ def test_precision_policy_for_other_architectures():
     from spandrel import ModelLoader
     from spandrel.architectures.Compact import Compact
 
-    from upscale.tiled import check_precision
+    from atelier.upscale.tiled import check_precision
 
     compact = ModelLoader().load_from_state_dict(
         Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2).state_dict())

@@ -1,0 +1,20 @@
+"""Model folders: the names the pack adds under ``ComfyUI/models/`` and the stock ones it reads from.
+
+One place for the names, used by the host seam (registration, lookups), the runner (missing-file messages)
+and the docs' tables.
+"""
+OPEN_CLIP = "open_clip"                  # open_clip weights (+ optional architecture configs *.json)
+PROMPT_EXPANSION = "prompt_expansion"    # Hugging Face model folders (GPT-2, T5, NER ...)
+KNOWLEDGE = "atelier_knowledge"          # knowledge bases for the Prompt Extender
+STYLE_DB = "atelier_style_db"            # style databases (one folder each)
+
+# folder -> file endings ComfyUI lists in it (empty: the entries are folders)
+PACK_FOLDERS = {
+    OPEN_CLIP: {".safetensors", ".bin", ".pt", ".pth"},
+    PROMPT_EXPANSION: set(),
+    KNOWLEDGE: {".sqlite", ".db", ".jsonl"},
+    STYLE_DB: set(),
+}
+
+# ComfyUI's own folders the pack's nodes and workflows read
+CHECKPOINTS, LORAS, VAE, VAE_APPROX, UPSCALE_MODELS = "checkpoints", "loras", "vae", "vae_approx", "upscale_models"

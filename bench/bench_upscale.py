@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from atelier.upscale.tiled import TileReport, receptive_radius, upscale_tiled  # noqa: E402
-from tests.fixtures.tiny_swinir import tiny_swinir  # noqa: E402
+from atelier.tests.fixtures.tiny_swinir import tiny_swinir  # noqa: E402
 
 # the seed's 003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth configuration
 SWINIR_L = dict(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, mlp_ratio=2.0,

@@ -3,7 +3,8 @@
 The pack is imported as the package ``atelier`` (the pack folder's ``atelier.py``, through ``pythonpath = ..``
 in pytest.ini): ``from atelier.retrieval import db``, ``from atelier.nodes import artist``. ComfyUI itself
 imports the pack by its folder's ``__init__.py``; tests/static/test_packaging.py checks that entry point.
-Test fixtures (tiny random models, generated data) live in ``tests/fixtures/``.
+Test fixtures (tiny random models, generated data) live in ``tests/fixtures/``, imported as
+``atelier.tests.fixtures`` (a bare ``tests`` package name is taken by some libraries, e.g. torch-fidelity).
 """
 import importlib
 import pathlib

@@ -5,7 +5,7 @@ prepare_artist; tiny open_clip, style DB and TAESD: prepare_clip_guidance; SwinI
 The workflow names the real files (ViT-B-16 weights, a WikiArt database), so the run points those two
 loaders at the tiny stand-ins and keeps the CPU time small: 2 steps, few cutouts, 4 neighbours, 32 px tiles.
 """
-from tests.fixtures.tiny_clip import TINY_NAME
+from atelier.tests.fixtures.tiny_clip import TINY_NAME
 
 CLIP_FILE = "atelier_cg_tiny.safetensors"  # prepare_clip_guidance.CLIP_FILE
 DB_NAME = "atelier_cg_tiny_db"  # prepare_clip_guidance.DB_NAME

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from tests.fixtures.clip_guidance_toys import (  # noqa: E402
+from atelier.tests.fixtures.clip_guidance_toys import (  # noqa: E402
     TinyClip, ToyDecoder, gaussian_denoiser, karras_sigmas, sample_euler,
 )
 

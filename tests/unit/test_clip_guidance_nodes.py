@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from tests.fixtures.clip_guidance_toys import TinyClip  # noqa: E402
+from atelier.tests.fixtures.clip_guidance_toys import TinyClip  # noqa: E402
 
 
 @pytest.fixture(scope="module")

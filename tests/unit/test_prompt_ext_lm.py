@@ -6,7 +6,7 @@ import pytest
 
 from atelier.prompt_ext import extend as ext
 from atelier.prompt_ext import lm as lmmod
-from tests.fixtures.tiny_lm import make_tiny_gpt2, make_tiny_t5
+from atelier.tests.fixtures.tiny_lm import make_tiny_gpt2, make_tiny_t5
 from atelier.prompt_ext.window import WINDOW, ClipTokenCounter
 
 torch = pytest.importorskip("torch")
@@ -192,7 +192,7 @@ def test_local_ner_model_adds_its_entities(tmp_path):
     from transformers import BertConfig, BertForTokenClassification
 
     from atelier.prompt_ext.entities import EntityCounter, NerModel, is_token_classifier
-    from tests.fixtures.tiny_lm import save_word_tokenizer
+    from atelier.tests.fixtures.tiny_lm import save_word_tokenizer
 
     d = tmp_path / "tiny-ner"
     n = save_word_tokenizer(str(d), "gpt2")

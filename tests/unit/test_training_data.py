@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from atelier.training import data as D
-from tests.fixtures.training_toys import torch_threads
+from atelier.tests.fixtures.training_toys import torch_threads
 
 
 @pytest.fixture(autouse=True)

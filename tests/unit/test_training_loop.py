@@ -7,7 +7,7 @@ import torch
 
 from atelier.training.loop import (CheckpointError, NoiseSchedule, TrainConfig, enable_gradient_checkpointing,
                            latest_checkpoint, scaled_linear_alphas_cumprod)
-from tests.fixtures.training_toys import CAPTIONS, ddp_worker, make_toy_trainer as make_trainer, torch_threads
+from atelier.tests.fixtures.training_toys import CAPTIONS, ddp_worker, make_toy_trainer as make_trainer, torch_threads
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from tests.fixtures.tiny_swinir import tiny_swinir
+from atelier.tests.fixtures.tiny_swinir import tiny_swinir
 from atelier.upscale.channels import luma
 from atelier.upscale.resize import resize
 from atelier.upscale.tiled import upscale_tiled

@@ -7,7 +7,7 @@ weights, loaded back through ``ModelLoader`` so it is a real descriptor whose ti
 import pytest
 import torch
 
-from tests.fixtures.tiny_swinir import tiny_swinir
+from atelier.tests.fixtures.tiny_swinir import tiny_swinir
 from atelier.upscale.tiled import (
     TileOOMError, TileReport, blend_weights, plan_axis, receptive_radius, requirements_of, upscale_tiled,
 )

@@ -45,8 +45,9 @@ class AtelierOpenCLIPLoader:
                    "database nodes and by CLIP guidance. " + WEIGHTS_HELP)
 
     def load(self, weights, architecture, device):
-        path = folders.full_path(OPEN_CLIP, weights)
-        return (load_embedder(weights, path, architecture, device, folders.paths(OPEN_CLIP), host_device=torch_device),)
+        clip = load_embedder(weights, folders.full_path(OPEN_CLIP, weights), architecture, device,
+                             folders.paths(OPEN_CLIP), host_device=torch_device)
+        return (clip,)
 
 
 class AtelierStyleDBBuild:

@@ -100,7 +100,7 @@ def ensure_tiny_unclip(server):
 def prepare(server):
     from atelier.retrieval.build import build_db
     from atelier.retrieval.embedder import OpenClipEmbedder
-    from tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
+    from atelier.tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
 
     models = pathlib.Path(server.base_dir) / "models"
     clip_dir = models / "open_clip"

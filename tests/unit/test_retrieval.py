@@ -16,7 +16,7 @@ from atelier.common.progress import Progress
 from atelier.retrieval import build as B
 from atelier.retrieval.db import (FORMAT_VERSION, Filters, StyleDBError, load_db, topk, write_db)
 from atelier.retrieval.embedder import OpenClipEmbedder
-from tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
+from atelier.tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
 
 N_IMAGES = 14
 

@@ -13,7 +13,7 @@ from atelier.retrieval import embedder as E
 from atelier.retrieval.db import load_db, write_db
 from atelier.retrieval.library import build_style_db, db_fingerprint, db_names, find_db, folder_fingerprint
 from atelier.retrieval.query import query_embedding, retrieve
-from tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder, tiny_config
+from atelier.tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder, tiny_config
 
 N_IMAGES = 6
 

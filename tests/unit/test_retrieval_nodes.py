@@ -122,7 +122,7 @@ def test_retriever_node(pack, tmp_path):
     from atelier.retrieval import build as B
     from atelier.retrieval.db import load_db
     from atelier.retrieval.embedder import OpenClipEmbedder
-    from tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
+    from atelier.tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
 
     make_wikiart_folder(tmp_path / "imgs", n=6)
     name, path = make_tiny_open_clip(tmp_path / "tiny.safetensors")

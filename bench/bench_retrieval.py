@@ -8,26 +8,26 @@
    250k) with its recall@19 against exact.
 3. Memory per million images.
 
-    python bench/bench_retrieval.py                       # everything, ViT-B-32 with random weights
-    python bench/bench_retrieval.py --skip-build --sizes 10000,100000
-    python bench/bench_retrieval.py --arch ViT-L-14 --images 256 --device cuda
+Run from the pack root:
 
-Random weights are used (no downloads): speed does not depend on the weights' values.
+    python -m bench.bench_retrieval                       # everything, ViT-B-32 with random weights
+    python -m bench.bench_retrieval --skip-build --sizes 10000,100000
+    python -m bench.bench_retrieval --arch ViT-L-14 --images 256 --device cuda
+
+Random weights are used (no downloads): speed does not depend on the weights' values. With CUDA, the query
+table has a column for the exact search on the GPU (float16 store, as the retriever runs it there).
 """
 import argparse
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from atelier.retrieval import db as D  # noqa: E402
-from atelier.retrieval.build import build_db, embed_uint8, read_image  # noqa: E402
+from atelier.retrieval import db as D
+from atelier.retrieval.build import build_db, embed_uint8, read_image
 
 
 def random_open_clip(arch, folder):
@@ -105,60 +105,74 @@ def synthetic(n, d, rng, clusters=1000):
     return out
 
 
+def _ivf_cells(x16, q, one, k, repeat):
+    """(latency, nlist/nprobe, recall@k and build time) of the auto-tuned FAISS IVF index over x16."""
+    import faiss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        info = D.build_ivf(x16, os.path.join(tmp, "i.faiss"))
+        build_s = time.perf_counter() - t
+        index = faiss.read_index(os.path.join(tmp, "i.faiss"))
+    index.nprobe = info["nprobe"]
+    lat = timeit(lambda: index.search(one(), k), repeat)
+    _, got = index.search(q, k)
+    truth = D.exact_topk_chunked(q, x16, k)
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)])
+    return [f"{lat:6.2f} ms", f"{info['nlist']:>5}/{info['nprobe']:<6}",
+            f"{recall:.3f} (index built in {build_s:.0f} s)"]
+
+
+def _query_row(n, d, k, rng, args, cuda):
+    """One line of the latency table: N images of synthetic d-dim embeddings, one query at a time."""
+    x16 = synthetic(n, d, rng)
+    q = x16[rng.integers(0, n, 64)].astype(np.float32) + rng.standard_normal((64, d)).astype(np.float32) * 0.02
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    qi = iter(range(10**9))
+
+    def one():
+        return q[next(qi) % len(q)][None]
+
+    row = [f"{n:>9,}"]
+    x32 = x16.astype(np.float32) if n <= 300_000 else None  # a float32 copy of 1M x 768 is 3 GB
+    if x32 is not None:
+        row.append(f"{timeit(lambda: D.topk(one() @ x32.T, k), args.repeat):9.2f} ms")
+    else:
+        row.append(f"{'(3 GB, skip)':>12}")
+    row.append(f"{timeit(lambda: D.exact_topk_chunked(one(), x16, k), max(3, args.repeat // 4)):14.2f} ms")
+    if x32 is not None:
+        xt = torch.from_numpy(x32)
+        row.append(f"{timeit(lambda: torch.topk(torch.from_numpy(one()) @ xt.T, k), args.repeat):6.2f} ms")
+    else:
+        row.append(f"{'-':>9}")
+    if cuda:
+        xg = torch.from_numpy(x16).cuda()
+
+        def on_gpu():
+            idx = torch.topk(torch.from_numpy(one()).cuda().half() @ xg.T, k).indices
+            return idx.cpu()  # the result back on the CPU: includes the synchronisation
+
+        row.append(f"{timeit(on_gpu, args.repeat):9.2f} ms")
+    row += _ivf_cells(x16, q, one, k, args.repeat) if n >= args.ivf_min else [f"{'-':>9}", f"{'-':>12}", "-"]
+    return " | ".join(row)
+
+
 def bench_queries(args):
     d, k = 768, D.DEFAULT_K
     rng = np.random.default_rng(0)
+    cuda = torch.cuda.is_available()
     print(f"\n== query latency, k={k}, d={d}, one query at a time, median of {args.repeat} (CPU, "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, faiss threads "
-          f"{__import__('faiss').omp_get_max_threads()})")
-    print(f"{'N':>9} | {'exact np f32':>12} | {'exact chunked f16':>17} | {'torch f32':>9} | {'FAISS IVF':>9} | "
-          f"{'nlist/nprobe':>12} | recall@19")
+          f"{__import__('faiss').omp_get_max_threads()}" + (f"; GPU {torch.cuda.get_device_name()}" if cuda else "")
+          + ")")
+    print(f"{'N':>9} | {'exact np f32':>12} | {'exact chunked f16':>17} | {'torch f32':>9} | "
+          + (f"{'torch GPU f16':>12} | " if cuda else "") + f"{'FAISS IVF':>9} | {'nlist/nprobe':>12} | recall@19")
     for n in args.sizes:
-        x16 = synthetic(n, d, rng)
-        q = x16[rng.integers(0, n, 64)].astype(np.float32) + rng.standard_normal((64, d)).astype(np.float32) * 0.02
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-        qi = iter(range(10**9))
-
-        def one():
-            return q[next(qi) % len(q)][None]
-
-        row = [f"{n:>9,}"]
-        if n <= 300_000:
-            x32 = x16.astype(np.float32)
-            row.append(f"{timeit(lambda: D.topk(one() @ x32.T, k), args.repeat):9.2f} ms")
-        else:
-            x32 = None
-            row.append(f"{'(3 GB, skip)':>12}")
-        row.append(f"{timeit(lambda: D.exact_topk_chunked(one(), x16, k), max(3, args.repeat // 4)):14.2f} ms")
-        if x32 is not None:
-            xt = torch.from_numpy(x32)
-            row.append(f"{timeit(lambda: torch.topk(torch.from_numpy(one()) @ xt.T, k), args.repeat):6.2f} ms")
-            del xt
-        else:
-            row.append(f"{'-':>9}")
-        if n >= args.ivf_min:
-            with tempfile.TemporaryDirectory() as tmp:
-                t = time.perf_counter()
-                info = D.build_ivf(x16, os.path.join(tmp, "i.faiss"))
-                build_s = time.perf_counter() - t
-                import faiss
-
-                index = faiss.read_index(os.path.join(tmp, "i.faiss"))
-                index.nprobe = info["nprobe"]
-                lat = timeit(lambda: index.search(one(), k), args.repeat)
-                _, got = index.search(q, k)
-                truth = D.exact_topk_chunked(q, x16, k)
-                recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)])
-                row += [f"{lat:6.2f} ms", f"{info['nlist']:>5}/{info['nprobe']:<6}",
-                        f"{recall:.3f} (index built in {build_s:.0f} s)"]
-        else:
-            row += [f"{'-':>9}", f"{'-':>12}", "-"]
-        print(" | ".join(row))
-        del x16, x32
+        print(_query_row(n, d, k, rng, args, cuda))
     print(f"(auto index: exact up to {D.IVF_THRESHOLD:,} images, IVF above; the exact path keeps a float32 copy "
           "in RAM)")
-    gpu = "not measured (no GPU here)" if not torch.cuda.is_available() else "see --device cuda runs"
-    print(f"GPU: {gpu}")
+    if not cuda:
+        print("torch on a GPU: no CUDA device here, column left out")
 
 
 def memory_per_million(args):

@@ -153,3 +153,10 @@ def text_encoder_config(name):
             with open(path, encoding="utf-8") as handle:
                 return json.load(handle)
     raise FileNotFoundError(f"ComfyUI has no text-encoder config {name!r}")
+
+
+def unclip_embedding_dim(model):
+    """Size of the CLIP image embedding an unCLIP MODEL takes (its noise augmentor's statistics); None for a
+    model without that augmentor (not unCLIP)."""
+    augmentor = getattr(getattr(model, "model", None), "noise_augmentor", None)
+    return None if augmentor is None else int(augmentor.data_mean.shape[-1])

@@ -21,14 +21,11 @@ import numpy as np
 
 from ..common import artdata
 from ..common.artdata import IMAGE_EXTS, image_files, row_metadata
-from ..common.files import atomic_write
+from ..common.files import atomic_write, file_sha256
+from ..common.progress import NO_PROGRESS
 from .db import StyleDBError, load_db, write_db
 
 PARTIAL_VERSION = 1
-
-
-class BuildInterrupted(Exception):
-    """Raised by a progress callback to stop a build; finished chunks stay checkpointed."""
 
 
 # -- folder scanning and metadata (names parsed by common.artdata, shared with the trainer) ---------------------
@@ -121,9 +118,13 @@ def parse_shard(text):
     return i, n
 
 
-def _embed_files(root, rels, embedder, batch_size, workers, progress, table, done_before, total):
-    """Decode+embed files in order. Returns (raw float32 [m, dim], rows, skipped)."""
+def _embed_files(root, rels, embedder, batch_size, workers, table, progress, done_before=0, total=None):
+    """Decode+embed files in order. Returns (raw float32 [m, dim], rows, skipped).
+
+    After every batch ``progress.check_interrupt()`` may stop the work, then ``progress.update(done, total)``
+    (counted over the whole job: ``done_before`` files were finished before these)."""
     size = embedder.image_size
+    total = len(rels) if total is None else total
     embs, rows, skipped = [], [], []
     batch, batch_rows = [], []
     done = reported = done_before
@@ -135,6 +136,12 @@ def _embed_files(root, rels, embedder, batch_size, workers, progress, table, don
             rows.extend(batch_rows)
             batch, batch_rows = [], []
 
+    def report():
+        nonlocal reported
+        progress.check_interrupt()
+        progress.update(done, total)
+        reported = done
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reader = prefetch_map(pool, lambda rel: (rel, _safe_read(os.path.join(root, rel), size)), rels,
                               ahead=max(2 * batch_size, 4 * workers))
@@ -142,20 +149,18 @@ def _embed_files(root, rels, embedder, batch_size, workers, progress, table, don
             done += 1
             if err is not None:
                 skipped.append({"path": rel, "reason": err})
-            else:
-                digest, arr = res
-                meta = row_metadata(rel, table)
-                meta["sha256"] = digest
-                batch.append(arr)
-                batch_rows.append(meta)
-                if len(batch) >= batch_size:
-                    flush()
-                    if progress:
-                        reported = done
-                        progress(done, total)
+                continue
+            digest, arr = res
+            meta = row_metadata(rel, table)
+            meta["sha256"] = digest
+            batch.append(arr)
+            batch_rows.append(meta)
+            if len(batch) >= batch_size:
+                flush()
+                report()
         flush()
-        if progress and reported != done:
-            progress(done, total)
+        if reported != done:
+            report()
     emb = np.concatenate(embs) if embs else np.zeros((0, embedder.dim), np.float32)
     return emb, rows, skipped
 
@@ -202,21 +207,13 @@ def normalise16(raw):
     return emb, norms.astype(np.float32)
 
 
-def build_db(source, out, embedder, metadata_file=None, batch_size=64, workers=None, chunk_size=1024,
-             shard=None, index="auto", progress=None, resume=True, log=print):
-    """Build the database of an image folder into directory ``out``; returns a summary dict.
+def _workers(workers):
+    return workers or min(8, (os.cpu_count() or 2))
 
-    ``progress(done, total)`` is called after every batch and may raise to stop (the finished chunks are kept
-    in ``out.partial`` and the next call with ``resume=True`` continues from there).
-    """
-    source = os.path.abspath(source)
-    out = os.path.abspath(out)
-    metadata_file = str(metadata_file) if metadata_file else None
-    shard_i, shard_n = parse_shard(shard)
-    batch_size = max(1, int(batch_size))
-    chunk_size = max(batch_size, int(chunk_size) // batch_size * batch_size)
-    workers = workers or min(8, (os.cpu_count() or 2))
-    table = load_metadata_table(metadata_file)
+
+def _source_files(source, metadata_file):
+    """(image files, ignored files) of a build's source folder (the metadata table inside it is not 'ignored');
+    refuses a folder without images."""
     files, ignored = scan_folder(source)
     meta_abs = os.path.abspath(metadata_file) if metadata_file else None
     if meta_abs and meta_abs.startswith(source + os.sep):
@@ -224,18 +221,17 @@ def build_db(source, out, embedder, metadata_file=None, batch_size=64, workers=N
     if not files:
         raise StyleDBError(f"no image files (extensions {', '.join(sorted(IMAGE_EXTS))}) in '{source}'"
                            + (f"; found {len(ignored)} other file(s) such as {ignored[0]}" if ignored else ""))
-    info = embedder_info(embedder)
-    chunks = [files[i:i + chunk_size] for i in range(0, len(files), chunk_size)]
-    mine = [j for j in range(len(chunks)) if j % shard_n == shard_i]
-    total = sum(len(chunks[j]) for j in mine)
+    return files, ignored
 
-    partial = out + ".partial"
-    digest = _plan_digest(files, chunk_size, [shard_i, shard_n], info, metadata_file)
+
+def _open_partial(partial, plan, resume, log):
+    """Keep the checkpoints in ``partial`` when resuming a build with the same plan (files, settings, embedder),
+    else start it afresh; writes the plan."""
     plan_path = os.path.join(partial, "plan.json")
     if os.path.isdir(partial):
         try:
             with open(plan_path, encoding="utf-8") as f:
-                same = json.load(f).get("digest") == digest
+                same = json.load(f).get("digest") == plan["digest"]
         except (OSError, ValueError):
             same = False
         if not (resume and same):
@@ -243,48 +239,95 @@ def build_db(source, out, embedder, metadata_file=None, batch_size=64, workers=N
                 + ("" if resume else " (resume off)") + ("" if same else " (different files or settings)"))
             shutil.rmtree(partial)
     os.makedirs(partial, exist_ok=True)
-    atomic_write(plan_path, json.dumps({"digest": digest, "source": source, "files": len(files),
-                                        "chunk_size": chunk_size, "shard": [shard_i, shard_n]}))
+    atomic_write(plan_path, json.dumps(plan))
 
+
+def _chunk_path(partial, j):
+    return os.path.join(partial, f"chunk_{j:06d}.npz")
+
+
+def _embed_chunks(partial, chunks, mine, embed):
+    """Embed and checkpoint this shard's chunks that are not checkpointed yet (``embed(files, done, total)``);
+    returns how many were already there."""
+    total = sum(len(chunks[j]) for j in mine)
     done, resumed = 0, 0
     for j in mine:
-        cpath = os.path.join(partial, f"chunk_{j:06d}.npz")
+        cpath = _chunk_path(partial, j)
         if os.path.isfile(cpath):
-            done += len(chunks[j])
             resumed += 1
-            continue
-        emb, rows, skipped = _embed_files(source, chunks[j], embedder, batch_size, workers, progress, table,
-                                          done, total)
-        _save_chunk(cpath, emb, rows, skipped)
+        else:
+            _save_chunk(cpath, *embed(chunks[j], done, total))
         done += len(chunks[j])
-    if resumed:
-        log(f"resumed: {resumed} of {len(mine)} chunk(s) were already embedded")
+    return resumed
 
+
+def _load_chunks(partial, mine, dim):
+    """(raw float32 embeddings, rows, skipped) of the checkpointed chunks, in chunk order."""
     embs, rows, skipped = [], [], []
     for j in mine:
-        e, r, s = _load_chunk(os.path.join(partial, f"chunk_{j:06d}.npz"))
+        e, r, s = _load_chunk(_chunk_path(partial, j))
         embs.append(e)
         rows.extend(r)
         skipped.extend(s)
-    raw = np.concatenate(embs) if embs else np.zeros((0, info["dim"]), np.float32)
+    raw = np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
+    return raw, rows, skipped
+
+
+def build_db(source, out, embedder, metadata_file=None, batch_size=64, workers=None, chunk_size=1024,
+             shard=None, index="auto", progress=NO_PROGRESS, resume=True, log=print):
+    """Build the database of an image folder into directory ``out``; returns a summary dict.
+
+    ``progress`` (a ``common.progress.Progress``) is updated after every batch, and its ``check_interrupt()``
+    may raise to stop: the finished chunks are kept in ``out.partial`` and the next call with ``resume=True``
+    continues from there.
+    """
+    source, out = os.path.abspath(source), os.path.abspath(out)
+    progress = progress or NO_PROGRESS
+    metadata_file = str(metadata_file) if metadata_file else None
+    shard_i, shard_n = parse_shard(shard)
+    batch_size = max(1, int(batch_size))
+    chunk_size = max(batch_size, int(chunk_size) // batch_size * batch_size)
+    workers = _workers(workers)
+    table = load_metadata_table(metadata_file)
+    files, ignored = _source_files(source, metadata_file)
+    info = embedder_info(embedder)
+    chunks = [files[i:i + chunk_size] for i in range(0, len(files), chunk_size)]
+    mine = [j for j in range(len(chunks)) if j % shard_n == shard_i]
+
+    partial = out + ".partial"
+    digest = _plan_digest(files, chunk_size, [shard_i, shard_n], info, metadata_file)
+    _open_partial(partial, {"digest": digest, "source": source, "files": len(files), "chunk_size": chunk_size,
+                            "shard": [shard_i, shard_n]}, resume, log)
+    resumed = _embed_chunks(partial, chunks, mine, lambda rels, done, total: _embed_files(
+        source, rels, embedder, batch_size, workers, table, progress, done, total))
+    if resumed:
+        log(f"resumed: {resumed} of {len(mine)} chunk(s) were already embedded")
+
+    raw, rows, skipped = _load_chunks(partial, mine, info["dim"])
     if not rows:
         raise StyleDBError(f"none of the {len(files)} image file(s) in '{source}' could be read; first error: "
                            f"{skipped[0]['path']}: {skipped[0]['reason']}")
-    emb16, norms = normalise16(raw)
-    emb16, norms, rows, dups = dedup_sorted(emb16, norms, rows)
+    emb16, norms, rows, dups = dedup_sorted(*normalise16(raw), rows)
     extra = {"shard": [shard_i, shard_n]} if shard_n > 1 else {}
     write_db(out, emb16, norms, rows, info, source_root=source, skipped=sorted(skipped, key=lambda s: s["path"]),
              duplicates=dups, index="exact" if shard_n > 1 else index, extra=extra)
     shutil.rmtree(partial, ignore_errors=True)
-    return {"path": out, "count": len(rows), "files": total, "skipped": skipped, "duplicates": dups,
-            "ignored": ignored, "resumed_chunks": resumed, "shard": [shard_i, shard_n]}
+    return {"path": out, "count": len(rows), "files": sum(len(chunks[j]) for j in mine), "skipped": skipped,
+            "duplicates": dups, "ignored": ignored, "resumed_chunks": resumed, "shard": [shard_i, shard_n]}
 
 
-def merge_dbs(out, parts, index="auto"):
-    """Merge databases (e.g. the shards of one build) into ``out``: rows re-sorted by path, deduplicated."""
+def merge_dbs(out, parts, index="auto", progress=NO_PROGRESS):
+    """Merge databases (e.g. the shards of one build) into ``out``: rows re-sorted by path, deduplicated.
+
+    ``progress`` counts the databases read; an interrupt leaves ``out`` as it was (it is written at the end)."""
     if not parts:
         raise StyleDBError("merge needs at least one database")
-    dbs = [load_db(p, load_index=False) for p in parts]
+    progress = progress or NO_PROGRESS
+    dbs = []
+    for p in parts:
+        progress.check_interrupt()
+        dbs.append(load_db(p, load_index=False))
+        progress.update(len(dbs), len(parts))
     first = dbs[0]
     for db in dbs[1:]:
         if (db.embedder_name, db.embedder_hash, db.dim) != (first.embedder_name, first.embedder_hash, first.dim):
@@ -311,63 +354,73 @@ def merge_dbs(out, parts, index="auto"):
     return {"path": os.path.abspath(out), "count": len(rows), "parts": len(dbs)}
 
 
+def _files_to_embed(source, files, stored_path, db, progress):
+    """(files to embed, rows they replace, how many are unchanged): a file whose content hash is in the database
+    is unchanged; a new hash at a stored path replaces that row; an unreadable file is embedded (and skipped)."""
+    known_hash = {r["sha256"] for r in db.metadata}
+    by_path = {r["path"]: i for i, r in enumerate(db.metadata)}
+    new, replaced, unchanged = [], set(), 0
+    for rel in files:
+        progress.check_interrupt()
+        try:
+            digest = file_sha256(os.path.join(source, rel))
+        except OSError:
+            new.append(rel)  # listed as skipped by the reader
+            continue
+        if digest in known_hash:
+            unchanged += 1
+            continue
+        if stored_path(rel) in by_path:
+            replaced.add(by_path[stored_path(rel)])
+        new.append(rel)
+    return new, replaced, unchanged
+
+
+def _with_new_rows(db, keep, emb, rows):
+    """(float16 embeddings, norms, rows, duplicates) of the kept rows of ``db`` plus the new ones, sorted and
+    deduplicated like a fresh build."""
+    new16, new_norms = normalise16(emb)
+    old16 = np.asarray(db.embeddings[keep], dtype=np.float16).reshape(len(keep), db.dim)
+    old_norms = (db.norms[keep] if db.norms is not None else np.ones(len(keep), np.float32))
+    return dedup_sorted(np.concatenate([old16, new16]), np.concatenate([old_norms, new_norms]),
+                        [db.metadata[i] for i in keep] + rows)
+
+
 def add_to_db(db_path, source, embedder, metadata_file=None, batch_size=64, workers=None, prune=False,
-              index="auto", progress=None, log=print):
+              index="auto", progress=NO_PROGRESS, log=print):
     """Add a folder's new or changed images to a database; images already in it (same content hash) are not
-    embedded again. ``prune`` drops rows whose file no longer exists under ``source``."""
+    embedded again. ``prune`` drops rows whose file no longer exists under ``source``.
+
+    ``progress`` counts the images embedded; an interrupt (``progress.check_interrupt()``, while hashing or
+    embedding) leaves the database as it was."""
+    progress = progress or NO_PROGRESS
     db = load_db(db_path, load_index=False)
     db.check_embedder(embedder)
     source = os.path.abspath(source)
     root = db.source_root() or source
     files, _ = scan_folder(source)
     table = load_metadata_table(metadata_file)
-    known_hash = {r["sha256"] for r in db.metadata}
-    by_path = {r["path"]: i for i, r in enumerate(db.metadata)}
 
     def stored_path(rel):
         return os.path.relpath(os.path.join(source, rel), root).replace(os.sep, "/")
 
-    new, replaced, unchanged = [], set(), 0
-    for rel in files:
-        try:
-            with open(os.path.join(source, rel), "rb") as f:
-                h = hashlib.sha256(f.read()).hexdigest()
-        except OSError:
-            new.append(rel)  # listed as skipped by the reader below
-            continue
-        sp = stored_path(rel)
-        if h in known_hash:
-            unchanged += 1
-            continue
-        if sp in by_path:
-            replaced.add(by_path[sp])
-        new.append(rel)
-    workers = workers or min(8, (os.cpu_count() or 2))
-    emb, rows, skipped = _embed_files(source, new, embedder, max(1, int(batch_size)), workers, progress, table,
-                                      0, len(new))
-    for r in rows:
-        r["path"] = stored_path(r["path"])
-    for s in skipped:
-        s["path"] = stored_path(s["path"])
+    new, replaced, unchanged = _files_to_embed(source, files, stored_path, db, progress)
+    emb, rows, skipped = _embed_files(source, new, embedder, max(1, int(batch_size)), _workers(workers), table,
+                                      progress)
+    for item in rows + skipped:
+        item["path"] = stored_path(item["path"])
     keep = [i for i in range(db.count) if i not in replaced]
     if prune:
         present = {stored_path(rel) for rel in files}
         keep = [i for i in keep if db.metadata[i]["path"] in present]
-    new16, new_norms = normalise16(emb)
-    old16 = np.asarray(db.embeddings[keep], dtype=np.float16).reshape(len(keep), db.dim)
-    old_norms = (db.norms[keep] if db.norms is not None else np.ones(len(keep), np.float32))
-    all16 = np.concatenate([old16, new16])
-    all_norms = np.concatenate([old_norms, new_norms])
-    all_rows = [db.metadata[i] for i in keep] + rows
-    all16, all_norms, all_rows, dups = dedup_sorted(all16, all_norms, all_rows)
-    old_skipped = [s for s in db.manifest.get("skipped", []) if s["path"] not in {stored_path(f) for f in new}]
-    skipped_all = sorted(old_skipped + skipped, key=lambda s: s["path"])
-    dups = sorted(db.manifest.get("duplicates", []) + dups, key=lambda d: d["path"])
-    write_db(db_path, all16, all_norms, all_rows, embedder_info(embedder), source_root=root, skipped=skipped_all,
-             duplicates=dups, index=index)
-    summary = {"path": os.path.abspath(db_path), "count": len(all_rows), "embedded": len(rows),
-               "unchanged": unchanged, "replaced": len(replaced), "pruned": db.count - len(replaced) - len(keep)
-               if prune else 0, "skipped": skipped}
+    all16, all_norms, all_rows, dups = _with_new_rows(db, keep, emb, rows)
+    embedded_paths = {stored_path(f) for f in new}
+    old_skipped = [s for s in db.manifest.get("skipped", []) if s["path"] not in embedded_paths]
+    write_db(db_path, all16, all_norms, all_rows, embedder_info(embedder), source_root=root,
+             skipped=sorted(old_skipped + skipped, key=lambda s: s["path"]),
+             duplicates=sorted(db.manifest.get("duplicates", []) + dups, key=lambda d: d["path"]), index=index)
     log(f"added {len(rows)} image(s), {unchanged} already embedded, {len(replaced)} changed, "
         f"{len(skipped)} unreadable; database now has {len(all_rows)}")
-    return summary
+    return {"path": os.path.abspath(db_path), "count": len(all_rows), "embedded": len(rows), "unchanged": unchanged,
+            "replaced": len(replaced), "pruned": db.count - len(replaced) - len(keep) if prune else 0,
+            "skipped": skipped}

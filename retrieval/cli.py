@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
+from ..common.progress import TqdmProgress
+from . import build as B
 from .db import DEFAULT_K, Filters, StyleDBError, load_db
 
 
@@ -24,23 +27,6 @@ def _embedder(args):
     return OpenClipEmbedder(args.arch, args.weights, device=args.device)
 
 
-class _Progress:
-    """tqdm bar fed by the builder's progress(done, total) callback."""
-
-    def __init__(self, desc):
-        from tqdm import tqdm
-
-        self.bar = tqdm(desc=desc, unit="img", dynamic_ncols=True)
-
-    def __call__(self, done, total):
-        self.bar.total = total
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self):
-        self.bar.close()
-
-
 def _add_model_args(p):
     p.add_argument("--arch", required=True, help="open_clip architecture, e.g. ViT-L-14, ViT-B-32, ViT-H-14")
     p.add_argument("--weights", required=True, help="local open_clip weights file (.safetensors preferred)")
@@ -48,7 +34,7 @@ def _add_model_args(p):
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
 
 
-def main(argv=None):
+def _parser():
     ap = argparse.ArgumentParser(prog="python -m retrieval", description="Atelier style databases")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -93,7 +79,11 @@ def main(argv=None):
     s.add_argument("--year-min", type=int, default=None)
     s.add_argument("--year-max", type=int, default=None)
 
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
     try:
         return _run(args)
     except StyleDBError as e:
@@ -102,48 +92,49 @@ def main(argv=None):
 
 
 def _run(args):
-    from . import build as B
-
     if args.cmd == "info":
         print(load_db(args.db).info_text())
         return 0
     if args.cmd == "merge":
-        res = B.merge_dbs(args.out, args.parts, index=args.index)
-        print(f"merged {res['parts']} database(s) into {res['path']}: {res['count']} images")
-        return 0
-    emb = _embedder(args)
-    if args.cmd == "build":
-        bar = _Progress(f"embedding {args.images}")
-        try:
-            res = B.build_db(args.images, args.out, emb, metadata_file=args.metadata, batch_size=args.batch_size,
-                             workers=args.workers, chunk_size=args.chunk_size, shard=args.shard, index=args.index,
-                             progress=bar, resume=not args.no_resume)
-        finally:
-            bar.close()
-        print(f"wrote {res['path']}: {res['count']} images ({len(res['skipped'])} unreadable, "
-              f"{len(res['duplicates'])} duplicates, {len(res['ignored'])} non-image files ignored)")
-        for s in res["skipped"][:20]:
-            print(f"  skipped {s['path']}: {s['reason']}")
-        return 0
-    if args.cmd == "add":
-        bar = _Progress(f"adding {args.images}")
-        try:
-            B.add_to_db(args.db, args.images, emb, metadata_file=args.metadata, batch_size=args.batch_size,
-                        workers=args.workers, prune=args.prune, index=args.index, progress=bar)
-        finally:
-            bar.close()
-        return 0
-    if args.cmd == "search":
-        db = load_db(args.db)
-        db.check_embedder(emb)
-        q = emb.encode_text([args.text])[0].cpu().numpy()
-        f = Filters(args.artist, args.style, args.genre, args.year_min, args.year_max)
-        n = db.neighbors(q, args.k, f)
-        if n.reason:
-            print(f"note: {n.reason}")
-        for rank, (s, meta) in enumerate(zip(n.scores, n.metadata), 1):
-            print(f"{rank:3d} {s:.4f} {meta['artist']} | {meta['style']} | {meta['title']} {meta['year']} | "
-                  f"{meta['path']}")
-        return 0
-    return 1
+        return _merge(args)
+    return {"build": _build, "add": _add, "search": _search}[args.cmd](args, _embedder(args))
 
+
+def _merge(args):
+    with contextlib.closing(TqdmProgress("merging", unit="db")) as bar:
+        res = B.merge_dbs(args.out, args.parts, index=args.index, progress=bar)
+    print(f"merged {res['parts']} database(s) into {res['path']}: {res['count']} images")
+    return 0
+
+
+def _build(args, emb):
+    with contextlib.closing(TqdmProgress(f"embedding {args.images}", unit="img")) as bar:
+        res = B.build_db(args.images, args.out, emb, metadata_file=args.metadata, batch_size=args.batch_size,
+                         workers=args.workers, chunk_size=args.chunk_size, shard=args.shard, index=args.index,
+                         progress=bar, resume=not args.no_resume)
+    print(f"wrote {res['path']}: {res['count']} images ({len(res['skipped'])} unreadable, "
+          f"{len(res['duplicates'])} duplicates, {len(res['ignored'])} non-image files ignored)")
+    for s in res["skipped"][:20]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+    return 0
+
+
+def _add(args, emb):
+    with contextlib.closing(TqdmProgress(f"adding {args.images}", unit="img")) as bar:
+        B.add_to_db(args.db, args.images, emb, metadata_file=args.metadata, batch_size=args.batch_size,
+                    workers=args.workers, prune=args.prune, index=args.index, progress=bar)
+    return 0
+
+
+def _search(args, emb):
+    db = load_db(args.db)
+    db.check_embedder(emb)
+    q = emb.encode_text([args.text])[0].cpu().numpy()
+    f = Filters(args.artist, args.style, args.genre, args.year_min, args.year_max)
+    n = db.neighbors(q, args.k, f)
+    if n.reason:
+        print(f"note: {n.reason}")
+    for rank, (s, meta) in enumerate(zip(n.scores, n.metadata), 1):
+        print(f"{rank:3d} {s:.4f} {meta['artist']} | {meta['style']} | {meta['title']} {meta['year']} | "
+              f"{meta['path']}")
+    return 0

@@ -1,4 +1,4 @@
-"""The style database on disk (DESIGN.md section 4) and its search.
+"""The style database on disk and its search.
 
 A database is a directory::
 

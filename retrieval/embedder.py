@@ -7,6 +7,7 @@ the tokenizer is open_clip's bundled BPE, and weights load through safetensors (
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -17,6 +18,17 @@ from ..common.files import file_sha256
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+AUTO_ARCHITECTURE = "auto from file name"
+PREFERRED_ARCHITECTURES = ("ViT-H-14", "ViT-L-14", "ViT-B-32")  # first in the loader's combo, in this order
+WEIGHTS_HELP = (
+    "Put open_clip weights in ComfyUI/models/open_clip/, e.g. 'ViT-L-14-openai.safetensors' (ViT-L-14, "
+    "the paper's LAION-RDM embedder; from the Hugging Face repo openai/clip-vit-large-patch14 converted, or "
+    "open_clip's 'ViT-L-14/openai' release), 'ViT-B-32-openai.safetensors' (ViT-B-32, the paper's ImageNet-RDM "
+    "embedder) or 'ViT-H-14-laion2b_s32b_b79k.safetensors' (ViT-H-14, the embedder of SD 2.1 unCLIP-H; "
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K, file open_clip_model.safetensors). .safetensors preferred; "
+    ".bin/.pt/.pth load with weights_only. Other architectures: put open_clip's config '<Arch-Name>.json' in the "
+    "same folder."
+)
 
 
 def pick_device(device="auto"):
@@ -166,3 +178,87 @@ class OpenClipEmbedder:
 def load_open_clip(name, weights_path, device="auto", precision="auto"):
     """Convenience constructor (the loader node and the CLI use it)."""
     return OpenClipEmbedder(name, weights_path, device=device, precision=precision)
+
+
+# -- the open_clip Loader: weights files, architecture configs in the model folders, the architecture of a file --
+_REGISTERED_CONFIGS = set()
+
+
+def weight_files(names):
+    """The open_clip weights files among a model folder's file names (by their ending)."""
+    return [name for name in names if name.lower().endswith(WEIGHT_SUFFIXES)]
+
+
+def register_folder_configs(folders):
+    """Register the open_clip architecture configs (``*.json``) found in ``folders`` (each file once).
+
+    Lets users (and the tests' tiny models) use architectures open_clip does not ship, e.g. a fine-tune with a
+    changed config: put ``<Arch-Name>.json`` (open_clip's model-config format) next to the weights. Other JSON
+    files are left alone; without open_clip nothing is registered.
+    """
+    try:
+        import open_clip
+    except ImportError:
+        return
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if not name.endswith(".json") or path in _REGISTERED_CONFIGS:
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(cfg, dict) and {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+                open_clip.add_model_config(path)
+                _REGISTERED_CONFIGS.add(path)
+
+
+def architectures(folders=()):
+    """The loader's architecture choices: those buildable offline (after registering the configs in
+    ``folders``), ViT-H-14 / ViT-L-14 / ViT-B-32 first; ["ViT-L-14"] when open_clip cannot be asked."""
+    register_folder_configs(folders)
+    try:
+        names = offline_architectures()
+    except Exception:  # open_clip missing or broken: the schema still loads, loading then says why
+        names = []
+    first = [n for n in PREFERRED_ARCHITECTURES if n in names]
+    return first + [n for n in names if n not in first] or ["ViT-L-14"]
+
+
+def guess_architecture(filename, names):
+    """Longest known architecture name that prefixes the file name (e.g. ViT-L-14-openai → ViT-L-14)."""
+    base = os.path.basename(filename)
+    hits = [n for n in names if base.startswith(n)]
+    return max(hits, key=len) if hits else None
+
+
+def loader_device(choice, host_device=None):
+    """The device of the loader's ``device`` choice: 'auto' is the host's torch device (``host_device()``,
+    else CUDA when present), 'gpu' the same but refused on a CPU-only host, 'cpu' the CPU."""
+    if choice == "cpu":
+        return "cpu"
+    device = host_device() if host_device is not None else pick_device("auto")
+    if choice == "gpu" and torch.device(device).type == "cpu":
+        raise RuntimeError("Atelier open_clip Loader: device 'gpu' asked but ComfyUI runs on CPU")
+    return device
+
+
+def load_embedder(weights, path, architecture=AUTO_ARCHITECTURE, device="auto", folders=(), host_device=None):
+    """The open_clip Loader's work: the embedder of weights file ``weights`` (found at ``path``, None when it is
+    not there) in the open_clip model ``folders``, its architecture given or guessed from the file name."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"Atelier open_clip Loader: weights file {weights!r} not found in "
+                                f"{list(folders)}. {WEIGHTS_HELP}")
+    register_folder_configs(folders)
+    if architecture == AUTO_ARCHITECTURE:
+        guess = guess_architecture(weights, architectures(folders))
+        if guess is None:
+            raise ValueError(f"Atelier open_clip Loader: cannot tell the architecture of {weights!r} from its "
+                             "name; choose it in 'architecture' or rename the file to start with it "
+                             "(e.g. ViT-L-14-openai.safetensors)")
+        architecture = guess
+    return OpenClipEmbedder(architecture, path, device=loader_device(device, host_device))

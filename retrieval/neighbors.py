@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import torch
 
+
 @dataclass
 class Neighbors:
     """k retrieved images: L2-normalised CLIP image embeddings [k, dim] float32, cosine scores, metadata.

@@ -98,6 +98,38 @@ def unclip_embeddings(neighbors, combine="average", top_n=0, expected_dim=None):
     raise ValueError(f"unknown combine mode {combine!r}")
 
 
+NOT_UNCLIP = ("Neighbours → unCLIP: the MODEL is not an unCLIP model (no CLIP-embedding noise augmentor). Load an "
+              "SD 2.1 unCLIP checkpoint such as sd21-unclip-h.safetensors, or use the retriever's style_prompt with "
+              "an ordinary model.")
+
+
+def unclip_conditioning(neighbors, strength, noise_augmentation, combine="average", top_n=0, model=None,
+                        embedding_dim=None, make_output=None):
+    """The Neighbours → unCLIP node's work: the values to append to a CONDITIONING, ``{"unclip_conditioning":
+    [entry]}`` (the entry core unCLIPConditioning adds for a CLIP Vision output, ``strength`` split evenly over
+    the embeddings), or None when ``strength`` is 0 (the conditioning stays as it is).
+
+    ``model``: an optional MODEL to check the neighbours against; ``embedding_dim(model)`` is the size of the
+    CLIP image embedding it takes, None when it is not an unCLIP model. ``make_output(embeds)`` wraps the
+    embeddings as a CLIP_VISION_OUTPUT (a plain dict when not given).
+    """
+    expected = None
+    if model is not None:
+        expected = embedding_dim(model)
+        if expected is None:
+            raise ValueError(NOT_UNCLIP)
+    try:
+        embeds = unclip_embeddings(neighbors, combine, top_n, expected)
+    except ValueError as e:
+        raise ValueError(f"Neighbours → unCLIP: {e}") from e
+    if strength == 0:
+        return None
+    output = make_output(embeds) if make_output is not None else {"image_embeds": embeds}
+    entry = {"clip_vision_output": output, "strength": strength / embeds.shape[0],
+             "noise_augmentation": noise_augmentation}
+    return {"unclip_conditioning": [entry]}
+
+
 def check_unclip_dim(neighbors, expected_dim):
     """Clear error when the neighbours' CLIP space cannot be the one the unCLIP model was trained on."""
     if expected_dim is None:

@@ -6,6 +6,7 @@ embeddings really reach the unCLIP model, and the errors users get for mismatche
 """
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -77,10 +78,21 @@ def test_build_workflow_writes_a_loadable_database(comfy_server):
                                        overrides=comfy_server.workflow_overrides["style_db_build.json"], timeout=900)
     texts = [t for out in result.outputs.values() for t in out.get("text", [])]
     assert any("built 24 images" in t for t in texts), texts
-    manifest = pathlib.Path(comfy_server.base_dir) / "models" / "atelier_style_db" / "host_built_db" / "manifest.json"
+    root = pathlib.Path(comfy_server.base_dir) / "models" / "atelier_style_db"
+    manifest = root / "host_built_db" / "manifest.json"
     assert json.loads(manifest.read_text())["count"] == 24
-    choices = comfy_server.object_info(refresh=True)["AtelierStyleDBLoad"]["input"]["required"]["db_name"][0]
+    # a database being written (common.files.atomic_folder's temporary name) and an unfinished build are not offered
+    unfinished = [root / ".host_next_db.k2j4.tmp", root / "host_next_db.partial"]
+    for folder in unfinished:
+        folder.mkdir(exist_ok=True)
+        (folder / "manifest.json").write_text(manifest.read_text())
+    try:
+        choices = comfy_server.object_info(refresh=True)["AtelierStyleDBLoad"]["input"]["required"]["db_name"][0]
+    finally:
+        for folder in unfinished:
+            shutil.rmtree(folder)
     assert "host_built_db/manifest.json" in choices
+    assert not [c for c in choices if "host_next_db" in c], choices
 
 
 def test_unclip_node_refuses_a_non_unclip_model(comfy_server):

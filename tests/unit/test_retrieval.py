@@ -1,4 +1,4 @@
-"""Style databases (seed 002): build, resume, add, shard+merge, search, filters, format checks.
+"""Style databases (the RDM paper's retrieval database): build, resume, add, shard+merge, search, filters, format checks.
 
 A tiny open_clip ViT (random weights, real BPE tokenizer) embeds generated pattern images laid out like WikiArt.
 """
@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from atelier.common import artdata
+from atelier.common.progress import Progress
 from atelier.retrieval import build as B
 from atelier.retrieval.db import (FORMAT_VERSION, Filters, StyleDBError, load_db, topk, write_db)
 from atelier.retrieval.embedder import OpenClipEmbedder
@@ -240,24 +241,41 @@ def test_other_embedder_refused(built, tmp_path):
 
 
 # -- building ---------------------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """What a host's interrupt raises (ComfyUI's InterruptProcessingException, KeyboardInterrupt...)."""
+
+
+class StopAfter(Progress):
+    """A Progress whose check_interrupt raises on its n-th call; records the updates it got."""
+
+    def __init__(self, n):
+        self.n, self.checks, self.updates = n, 0, []
+
+    def update(self, done, total, preview=None):
+        self.updates.append((done, total))
+
+    def check_interrupt(self):
+        self.checks += 1
+        if self.checks == self.n:
+            raise Interrupted("killed")
+
+
 def test_interrupted_build_resumes_to_the_same_database(tiny, folder, built, tmp_path):
     out = tmp_path / "db"
-    calls = []
-
-    def kill_after_two_batches(done, total):
-        calls.append(done)
-        if len(calls) == 2:
-            raise B.BuildInterrupted("killed")
-
-    with pytest.raises(B.BuildInterrupted):
+    stop = StopAfter(2)
+    with pytest.raises(Interrupted):
         B.build_db(folder, out, tiny, metadata_file=folder / "metadata.csv", batch_size=4, chunk_size=4,
-                   progress=kill_after_two_batches, log=lambda m: None)
+                   progress=stop, log=lambda m: None)
     assert not out.exists() and (tmp_path / "db.partial").is_dir()
+    assert stop.updates == [(4, N_IMAGES)]  # the first batch reported, the second interrupted before it
     counting = Counting(tiny)
     logs = []
+    track = StopAfter(0)
     s = B.build_db(folder, out, counting, metadata_file=folder / "metadata.csv", batch_size=4, chunk_size=4,
-                   log=logs.append)
+                   progress=track, log=logs.append)
     assert s["resumed_chunks"] == 1 and counting.count == N_IMAGES - 4
+    assert track.updates == [(8, N_IMAGES), (12, N_IMAGES), (N_IMAGES, N_IMAGES)]  # counted over the whole build
+    assert logs == ["resumed: 1 of 4 chunk(s) were already embedded"]
     assert not (tmp_path / "db.partial").exists()
     same_db(built, out)
 

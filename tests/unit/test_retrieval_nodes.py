@@ -1,4 +1,6 @@
 """Retrieval nodes and the helpers behind them: previews, reports, style prompts, unCLIP embeddings."""
+import ast
+import pathlib
 import sys
 import types
 
@@ -7,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from atelier.retrieval.embedder import guess_architecture
 from atelier.retrieval.neighbors import Neighbors
 from atelier.retrieval.present import letterbox, preview_batch, style_prompt, unclip_embeddings
 
@@ -151,9 +154,22 @@ def test_node_schemas_have_tooltips(pack):
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
 
 
-def test_architecture_guess_from_file_name(pack):
-    guess = pack.retrieval._guess_architecture
+def test_architecture_guess_from_file_name():
+    guess = guess_architecture
     names = ["ViT-L-14", "ViT-L-14-336", "ViT-B-32", "ViT-H-14"]
     assert guess("ViT-L-14-336-openai.safetensors", names) == "ViT-L-14-336"
     assert guess("sub/ViT-H-14-laion2b_s32b_b79k.safetensors", names) == "ViT-H-14"
     assert guess("model.safetensors", names) is None
+
+
+def test_node_methods_are_thin():
+    """Every node method but the schema (INPUT_TYPES) is at most 15 lines: one core call and the wrapping."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "nodes" / "retrieval.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    sizes = {}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name != "INPUT_TYPES"):
+            body = fn.body[1:] if ast.get_docstring(fn) else fn.body
+            sizes[f"{cls.name}.{fn.name}"] = body[-1].end_lineno - body[0].lineno + 1
+    assert len(sizes) == 7 and max(sizes.values()) <= 15, sizes
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While))], "loops belong in the core"

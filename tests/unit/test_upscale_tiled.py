@@ -1,16 +1,17 @@
 """Tiled inference core (``upscale/tiled.py``) against untiled runs of a tiny real SwinIR descriptor.
 
-The model (``upscale/tiny.py``) is spandrel's SwinIR class with a tiny config and sharpened random
+The model (``tests/fixtures/tiny_swinir.py``) is spandrel's SwinIR class with a tiny config and sharpened random
 weights, loaded back through ``ModelLoader`` so it is a real descriptor whose tile-edge influence reaches
 ~26 px (default init would fade within ~12 px and make tiled == untiled nearly trivially true).
 """
 import pytest
 import torch
 
-from tests.fixtures.tiny_swinir import tiny_swinir
+from atelier.common.progress import Progress
 from atelier.upscale.tiled import (
     TileOOMError, TileReport, blend_weights, plan_axis, receptive_radius, requirements_of, upscale_tiled,
 )
+from tests.fixtures.tiny_swinir import tiny_swinir
 
 
 def psnr(a, b, peak=1.0):
@@ -212,25 +213,35 @@ def test_overlap_not_smaller_than_tile_is_an_error(model):
 
 def test_progress_and_interrupt(model):
     x = image(2, 3, 48, 48, seed=11)
-    seen = []
-    upscale_tiled(model, x, tile=32, overlap=16, tile_batch=3, progress=lambda d, t: seen.append((d, t)))
-    total = seen[-1][1]
-    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == total == 2 * 4
+
+    class Seen(Progress):
+        def __init__(self):
+            self.values = []
+
+        def update(self, done, total, preview=None):
+            self.values.append((done, total))
+
+    seen = Seen()
+    upscale_tiled(model, x, tile=32, overlap=16, tile_batch=3, progress=seen)
+    total = seen.values[-1][1]
+    assert [d for d, _ in seen.values] == sorted(d for d, _ in seen.values) and seen.values[-1][0] == total == 2 * 4
 
     class Stop(Exception):
         pass
 
-    calls = []
+    class StopAfterTwo(Progress):
+        calls = 0
 
-    def interrupt():
-        if len(calls) == 2:
-            raise Stop()
-        calls.append(1)
+        def check_interrupt(self):
+            if self.calls == 2:
+                raise Stop()
+            self.calls += 1
 
+    stop = StopAfterTwo()
     with pytest.raises(Stop):
         upscale_tiled(lambda t: model(t), x, tile=32, overlap=16, scale=2, requirements=requirements_of(model),
-                      check_interrupt=interrupt)
-    assert len(calls) == 2
+                      progress=stop)
+    assert stop.calls == 2
 
 
 def test_plain_callable_pointwise_model_is_exact_everywhere():

@@ -89,7 +89,7 @@ def test_t5_continues_and_encodes(models):
     e = t5.embed(["a city", "a river"])
     assert e.shape[0] == 2 and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)
     extender = ext.PromptExtender(ext.default_knowledge_base(), lm=t5)
-    assert "encoder (mean-pooled)" in extender.encoder.name  # seed 000: T5 embeds u and v
+    assert "encoder (mean-pooled)" in extender.encoder.name  # as in the paper, T5 embeds u and v
     res = extender.extend("a harbour with fishing boats", n_candidates=2, seed=0, max_new_tokens=5)
     for c in res.candidates:
         assert -1.0 - 1e-5 <= c.cosine <= 1.0 + 1e-5

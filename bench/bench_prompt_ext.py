@@ -128,7 +128,7 @@ def bench_end_to_end(n_candidates=4, max_new_tokens=40):
 
     from atelier.prompt_ext import extend as ext
     from atelier.prompt_ext import lm as lmmod
-    from tests.fixtures.tiny_lm import make_tiny_gpt2
+    from atelier.tests.fixtures.tiny_lm import make_tiny_gpt2
 
     prompts = ["a painting of urbanization of china", "children running in a wheat field",
                "a harbour at night with fishing boats"]

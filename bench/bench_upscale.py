@@ -19,7 +19,7 @@ import time
 import torch
 
 from atelier.upscale.tiled import TileReport, receptive_radius, upscale_tiled
-from tests.fixtures.tiny_swinir import tiny_swinir
+from atelier.tests.fixtures.tiny_swinir import tiny_swinir
 
 PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # the configuration of 003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth (the model of "Generate Stunning

@@ -334,22 +334,25 @@ def upscale_tiled(
             retries += 1
             if on_oom is not None:
                 on_oom()
-            if tile_batch > 1:
-                tile_batch //= 2
-                continue
-            smaller = (tile // 2) // req.align * req.align
-            if smaller < floor:
-                raise TileOOMError(
-                    f"Out of memory even with {tile}x{tile} tiles (floor {floor}) on a "
-                    f"{image.shape[-1]}x{image.shape[-2]} image: free memory (close other models), use a "
-                    f"smaller model, or run on the CPU."
-                ) from exc
-            tile = smaller
-            overlap = min(overlap, tile // 2)
+            tile, overlap, tile_batch = _smaller(tile, overlap, tile_batch, req.align, floor, image, exc)
     rep.oom_retries = retries
     if report is not None:
         report.__dict__.update(rep.__dict__)
     return out
+
+
+def _smaller(tile, overlap, tile_batch, align, floor, image, exc):
+    """The next try after an out-of-memory error: half the batch, else half the tile; TileOOMError at the floor."""
+    if tile_batch > 1:
+        return tile, overlap, tile_batch // 2
+    smaller = (tile // 2) // align * align
+    if smaller < floor:
+        raise TileOOMError(
+            f"Out of memory even with {tile}x{tile} tiles (floor {floor}) on a "
+            f"{image.shape[-1]}x{image.shape[-2]} image: free memory (close other models), use a "
+            f"smaller model, or run on the CPU."
+        ) from exc
+    return smaller, min(overlap, smaller // 2), tile_batch
 
 
 def _run(model, image, tile, overlap, scale, tile_batch, feather, req, dtype, device, output_device, progress):

@@ -1,5 +1,5 @@
 """Host preparer: a tiny random SwinIR where the example workflow's loader looks for the real one."""
-from tests.fixtures.tiny_swinir import DEFAULT_FILE, write_tiny_swinir
+from atelier.tests.fixtures.tiny_swinir import DEFAULT_FILE, write_tiny_swinir
 
 
 def prepare(server):

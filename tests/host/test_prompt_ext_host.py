@@ -50,7 +50,7 @@ def test_workflow_bundled_base_retrieval_only(comfy_server):
 
 
 def test_workflow_with_tiny_gpt2_and_switched_off(comfy_server):
-    from tests.fixtures.tiny_lm import make_tiny_gpt2
+    from atelier.tests.fixtures.tiny_lm import make_tiny_gpt2
 
     make_tiny_gpt2(str(comfy_server.base_dir / "models" / "prompt_expansion" / "tiny-gpt2"))
     info = comfy_server.object_info(refresh=True)

@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from atelier.upscale.tiled import plan_axis
-from tests.fixtures.tiny_swinir import DEFAULT_FILE, write_tiny_swinir
+from atelier.tests.fixtures.tiny_swinir import DEFAULT_FILE, write_tiny_swinir
 
 pytestmark = pytest.mark.host
 

@@ -8,10 +8,10 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from atelier.common.progress import Progress
 from atelier.prompt_ext import kb as kbmod
 from atelier.prompt_ext.cli import main as cli
 from atelier.prompt_ext.wiki import count_jsonl, iter_jsonl, iter_wiki_dump, strip_wiki_markup
+from atelier.tests.fixtures.progress import Interrupted, RecordingProgress
 
 VOCAB = ["amber", "birch", "canal", "delta", "ember", "fjord", "grove", "harbor", "iris", "jade", "kiln", "lagoon",
          "meadow", "nectar", "orchard", "pebble", "quarry", "reef", "spruce", "tundra", "umber", "valley", "willow",
@@ -242,32 +242,13 @@ def test_jsonl_builder_and_errors(tmp_path, capsys):
         list(iter_jsonl(bad))
 
 
-class Recorder(Progress):
-    """Progress that records every update and raises ``Stop`` at its ``stop_at``-th interrupt check."""
-
-    def __init__(self, stop_at=None):
-        self.updates, self.checks, self.stop_at = [], 0, stop_at
-
-    def update(self, done, total, preview=None):
-        self.updates.append((done, total))
-
-    def check_interrupt(self):
-        self.checks += 1
-        if self.checks == self.stop_at:
-            raise Stop()
-
-
-class Stop(Exception):
-    pass
-
-
 def test_build_reports_progress_per_batch_and_an_interrupt_leaves_no_file(tmp_path):
     docs = [(f"Title {i}", f"Some words about canal number {i}.") for i in range(10)]
-    seen = Recorder()
+    seen = RecordingProgress()
     assert kbmod.build_kb(docs, tmp_path / "kb.sqlite", batch=3, progress=seen, total=len(docs)) == (10, 10)
     assert seen.updates == [(3, 10), (6, 10), (9, 10), (10, 10)] and seen.checks == 3
-    stop = Recorder(stop_at=2)
-    with pytest.raises(Stop):
+    stop = RecordingProgress(stop_at=2)
+    with pytest.raises(Interrupted):
         kbmod.build_kb(docs, tmp_path / "stopped.sqlite", batch=3, progress=stop)
     assert stop.updates == [(3, None)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kb.sqlite"]  # no half-built file, no temp file

@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 
-from atelier.common.progress import Progress
 from atelier.prompt_ext import extend as ext
 from atelier.prompt_ext import lm as lmmod
 from atelier.prompt_ext import pipeline
 from atelier.prompt_ext.window import WINDOW, ClipTokenCounter
-from tests.fixtures.tiny_lm import make_tiny_gpt2, make_tiny_t5
+from atelier.tests.fixtures.progress import RecordingProgress
+from atelier.tests.fixtures.tiny_lm import make_tiny_gpt2, make_tiny_t5
 
 torch = pytest.importorskip("torch")
 
@@ -210,7 +210,7 @@ def test_local_ner_model_adds_its_entities(tmp_path):
     from transformers import BertConfig, BertForTokenClassification
 
     from atelier.prompt_ext.entities import EntityCounter, NerModel, is_token_classifier
-    from tests.fixtures.tiny_lm import save_word_tokenizer
+    from atelier.tests.fixtures.tiny_lm import save_word_tokenizer
 
     d = tmp_path / "tiny-ner"
     n = save_word_tokenizer(str(d), "gpt2")
@@ -233,16 +233,8 @@ def test_local_ner_model_adds_its_entities(tmp_path):
 # ---------------------------------------------------------------------------------- the node's core call
 
 
-class Seen(Progress):
-    def __init__(self):
-        self.updates = []
-
-    def update(self, done, total, preview=None):
-        self.updates.append((done, total))
-
-
 def test_core_call_reports_progress_and_falls_back_with_warnings(models):
-    seen = Seen()
+    seen = RecordingProgress()
     best, prompts, report = pipeline.extend_prompt(
         "a wheat field", language_model_name="no-such-lm", entity_recognizer="no-such-ner", candidates=2,
         folders=Folders(models), progress=seen)

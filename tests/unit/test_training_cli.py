@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from atelier.training import finetune_artist as fa
-from tests.fixtures.training_toys import ToyBackend, torch_threads
+from atelier.tests.fixtures.training_toys import ToyBackend, torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +96,7 @@ def test_small_images_refused_with_clear_error(folder):
 
 def test_clip_filter_through_the_cli_with_the_pack_embedder(folder, capsys):
     """--clip-filter goes through retrieval.embedder (the ATELIER_CLIP contract) and reports what it drops."""
-    from tests.fixtures.tiny_clip import make_tiny_open_clip
+    from atelier.tests.fixtures.tiny_clip import make_tiny_open_clip
 
     name, weights = make_tiny_open_clip(folder / "clip.safetensors")
     base = ["--data", str(folder / "data"), "--checkpoint", str(folder / "base.safetensors"), "--resolution", "64",

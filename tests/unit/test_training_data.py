@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from atelier.common.progress import Progress
 from atelier.training import data as D
-from tests.fixtures.training_toys import torch_threads
+from atelier.tests.fixtures.progress import RecordingProgress
+from atelier.tests.fixtures.training_toys import torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -115,26 +115,15 @@ def test_latent_cache_progress_and_interrupt_keep_what_was_cached(tmp_path):
     samples = D.scan_folder(str(tmp_path / "d"), 64).samples
     D.assign_buckets(samples, 64)
 
-    class Seen(Progress):
-        def __init__(self, stop_at=None):
-            self.updates, self.stop_at = [], stop_at
-
-        def update(self, done, total, preview=None):
-            self.updates.append((done, total))
-
-        def check_interrupt(self):
-            if len(self.updates) == self.stop_at:
-                raise KeyboardInterrupt
-
     def encode(images):
         return images[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4]
 
     cache = str(tmp_path / "cache")
-    stop = Seen(stop_at=2)
+    stop = RecordingProgress(stop_at=3, error=KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         D.cache_latents(samples, encode, cache, "vae", stop)
     assert stop.updates == [(1, 3), (2, 3)] and len(os.listdir(cache)) == 2  # whole files only
-    seen = Seen()
+    seen = RecordingProgress()
     D.cache_latents(samples, encode, cache, "vae", seen)
     assert seen.updates == [(1, 3), (2, 3), (3, 3)] and len(os.listdir(cache)) == 3
 

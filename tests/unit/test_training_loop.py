@@ -5,11 +5,11 @@ import signal
 import pytest
 import torch
 
-from atelier.common.progress import Progress
 
 from atelier.training.loop import (CheckpointError, NoiseSchedule, TrainConfig, enable_gradient_checkpointing,
                            latest_checkpoint, scaled_linear_alphas_cumprod)
-from tests.fixtures.training_toys import CAPTIONS, ddp_worker, make_toy_trainer as make_trainer, torch_threads
+from atelier.tests.fixtures.progress import Interrupted, RecordingProgress
+from atelier.tests.fixtures.training_toys import CAPTIONS, ddp_worker, make_toy_trainer as make_trainer, torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -105,33 +105,14 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-class Steps(Progress):
-    """Records updates; its interrupt check raises ``Cancel`` once ``cancel_at`` checks have passed."""
-
-    def __init__(self, cancel_at=None):
-        self.updates, self.checks, self.cancel_at = [], 0, cancel_at
-
-    def update(self, done, total, preview=None):
-        self.updates.append((done, total))
-
-    def check_interrupt(self):
-        if self.checks == self.cancel_at:
-            raise Cancel()
-        self.checks += 1
-
-
-class Cancel(Exception):
-    """Stands for the host's interrupt exception (ComfyUI's InterruptProcessingException)."""
-
-
 def test_progress_counts_steps_and_a_host_interrupt_saves_before_it_propagates(tmp_path):
     tr = make_trainer(tmp_path / "a", steps=3)
-    seen = Steps()
+    seen = RecordingProgress()
     tr.train(seen)
     assert seen.updates == [(0, 3), (1, 3), (2, 3), (3, 3)] and seen.checks == 3
     tr = make_trainer(tmp_path / "b", steps=5)
-    with pytest.raises(Cancel):
-        tr.train(Steps(cancel_at=2))
+    with pytest.raises(Interrupted):
+        tr.train(RecordingProgress(stop_at=3))
     assert tr.step == 2 and os.path.basename(latest_checkpoint(str(tmp_path / "b"))) == "step-000002"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from atelier.training import kohya
 from atelier.training.lora import (LoRAModule, TEXT_ENCODER_TARGETS, inject_lora, kohya_key, load_lora_state_dict,
                            lora_state_dict, remove_lora, wrap_module)
-from tests.fixtures.training_toys import ToyTextEncoder, ToyUNet, torch_threads
+from atelier.tests.fixtures.training_toys import ToyTextEncoder, ToyUNet, torch_threads
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.fixtures.tiny_swinir import tiny_swinir, tiny_swinir_state_dict
+from atelier.tests.fixtures.tiny_swinir import tiny_swinir, tiny_swinir_state_dict
 from atelier.upscale.loading import UpscaleModelError, is_swinir, load_upscale_model, read_state_dict
 
 

@@ -7,12 +7,12 @@ import types
 import pytest
 import torch
 
-from tests.fixtures.tiny_swinir import tiny_swinir
-from atelier.common.progress import Progress
 from atelier.upscale.channels import luma
 from atelier.upscale.pipeline import Resources, UpscaleOptions, upscale_image
 from atelier.upscale.resize import resize
 from atelier.upscale.tiled import upscale_tiled
+from atelier.tests.fixtures.progress import RecordingProgress
+from atelier.tests.fixtures.tiny_swinir import tiny_swinir
 
 
 class Bar:
@@ -24,14 +24,6 @@ class Bar:
 
     def update_absolute(self, value, total=None, preview=None):
         self.values.append((value, total))
-
-
-class Recorder(Progress):
-    def __init__(self):
-        self.values = []
-
-    def update(self, done, total, preview=None):
-        self.values.append((done, total))
 
 
 @pytest.fixture()
@@ -72,7 +64,7 @@ OPTIONS = dict(tile_size=32, overlap=16, tile_batch=2, output_scale=0.0, resize_
 def run(model, img, resources=None, progress=None, **kw):
     """(image, report) of the core call with the tests' small tiles."""
     options = UpscaleOptions(**dict(OPTIONS, **kw))
-    return upscale_image(model, img, options, resources, progress or Progress())
+    return upscale_image(model, img, options, resources, progress or RecordingProgress())
 
 
 def bhwc(*shape, seed=0):
@@ -92,7 +84,7 @@ def test_schema_and_mapping(pack):
 def test_rgb_native_scale_matches_core(model):
     img = bhwc(2, 40, 56, 3)
     before = img.clone()
-    freed, progress = [], Recorder()
+    freed, progress = [], RecordingProgress()
     resources = Resources(free_memory=lambda nbytes, device: freed.append((nbytes, device)))
     out, report = run(model, img, resources, progress)
     ref = upscale_tiled(model, img.movedim(-1, 1), tile=32, overlap=16, tile_batch=2).clamp(0, 1)
@@ -101,7 +93,7 @@ def test_rgb_native_scale_matches_core(model):
     assert report.startswith("SwinIR x2 -> 112x80") and "WARNING" not in report
     weights = sum(t.nbytes for t in model.model.state_dict().values())
     assert len(freed) == 1 and freed[0][0] > weights and freed[0][1] == "cpu"
-    assert progress.values[-1] == (2 * 2 * 3, 2 * 2 * 3)
+    assert progress.updates[-1] == (2 * 2 * 3, 2 * 2 * 3)
     assert torch.equal(img, before) and img.shape == (2, 40, 56, 3)  # input untouched
 
 

@@ -7,11 +7,11 @@ weights, loaded back through ``ModelLoader`` so it is a real descriptor whose ti
 import pytest
 import torch
 
-from atelier.common.progress import Progress
 from atelier.upscale.tiled import (
     TileOOMError, TileReport, blend_weights, plan_axis, receptive_radius, requirements_of, upscale_tiled,
 )
-from tests.fixtures.tiny_swinir import tiny_swinir
+from atelier.tests.fixtures.progress import Interrupted, RecordingProgress
+from atelier.tests.fixtures.tiny_swinir import tiny_swinir
 
 
 def psnr(a, b, peak=1.0):
@@ -213,35 +213,15 @@ def test_overlap_not_smaller_than_tile_is_an_error(model):
 
 def test_progress_and_interrupt(model):
     x = image(2, 3, 48, 48, seed=11)
-
-    class Seen(Progress):
-        def __init__(self):
-            self.values = []
-
-        def update(self, done, total, preview=None):
-            self.values.append((done, total))
-
-    seen = Seen()
+    seen = RecordingProgress()
     upscale_tiled(model, x, tile=32, overlap=16, tile_batch=3, progress=seen)
-    total = seen.values[-1][1]
-    assert [d for d, _ in seen.values] == sorted(d for d, _ in seen.values) and seen.values[-1][0] == total == 2 * 4
-
-    class Stop(Exception):
-        pass
-
-    class StopAfterTwo(Progress):
-        calls = 0
-
-        def check_interrupt(self):
-            if self.calls == 2:
-                raise Stop()
-            self.calls += 1
-
-    stop = StopAfterTwo()
-    with pytest.raises(Stop):
+    total = seen.updates[-1][1]
+    assert [d for d, _ in seen.updates] == sorted(d for d, _ in seen.updates) and seen.updates[-1][0] == total == 2 * 4
+    stop = RecordingProgress(stop_at=3)
+    with pytest.raises(Interrupted):
         upscale_tiled(lambda t: model(t), x, tile=32, overlap=16, scale=2, requirements=requirements_of(model),
                       progress=stop)
-    assert stop.calls == 2
+    assert stop.checks == 3 and len(stop.updates) == 2  # stopped before the third model call
 
 
 def test_plain_callable_pointwise_model_is_exact_everywhere():

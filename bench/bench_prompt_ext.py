@@ -6,22 +6,17 @@
 3. End-to-end latency per prompt: bundled knowledge base + a GPT-2-small-shaped random LM on CPU
    (and on the GPU when one is present).
 
-Run from the pack root:  python bench/bench_prompt_ext.py [--sizes 10000,100000,1000000] [--engines fts5,bm25s]
+Run from the pack root:  python -m bench.bench_prompt_ext [--sizes 10000,100000,1000000] [--engines fts5,bm25s]
 """
 import argparse
 import os
-import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from atelier.prompt_ext import kb as kbmod  # noqa: E402
+from atelier.prompt_ext import kb as kbmod
 
 _CONS = "bcdfghjklmnprstvz"
 _VOW = "aeiou"
@@ -165,8 +160,6 @@ def bench_end_to_end(n_candidates=4, max_new_tokens=40):
             print(f"  GPT-2-small-shaped random LM (124M), {n_candidates} candidates x {max_new_tokens} new tokens, "
                   f"{device} ({torch.get_num_threads()} threads): generation {statistics.mean(gen):.2f} s, "
                   f"end to end {statistics.mean(ts):.2f} s per prompt")
-        if not torch.cuda.is_available():
-            print("  GPU: not measured (no GPU here)")
 
 
 def main():
@@ -175,7 +168,7 @@ def main():
     ap.add_argument("--engines", default="fts5,bm25s")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default); 1 is "
-                    "much faster on a machine whose cores are busy with other work")
+                    "much faster when the cores are busy with other work")
     args = ap.parse_args()
     if args.threads:
         import torch

@@ -1,24 +1,28 @@
 """Training speed and memory: LoRA rank 16, batch 1, with and without gradient checkpointing.
 
-    COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/.venv/bin/python bench/bench_training.py \\
+Run from the pack root with ComfyUI's Python, ComfyUI found through COMFYUI_PATH:
+
+    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/.venv/bin/python -m bench.bench_training \\
         --checkpoint tiny_sd15.safetensors [--resolution 64] [--steps 5]
 
 Each configuration runs in its own process (so peak RSS is per configuration). Figures printed:
 it/s, peak process memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU) and the bytes autograd
-saves for backward in one step (what gradient checkpointing trades for recomputation). On a CPU the
-tiny random SD1.5 checkpoint is used (speed and memory of plumbing only); the real SD1.5 architecture
-at 512² is measured only on a GPU, with a full-size random checkpoint (make_random_sd15.py without --tiny).
+saves for backward in one step (what gradient checkpointing trades for recomputation). On a CPU use the
+tiny random SD1.5 checkpoint (the one ``python -m runner WORKFLOW --tiny`` builds and caches; speed and
+memory of plumbing only); the real
+SD1.5 architecture at 512² wants a GPU and a full-size SD1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors).
 """
 import argparse
 import json
 import os
+import pathlib
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.append(os.path.dirname(HERE))
+PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def worker(args):
@@ -80,10 +84,18 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--tmp", default="/tmp/atelier_bench_training", help="scratch folder")
+    ap.add_argument("--tmp", default=None, help="scratch folder (default: a new temporary folder)")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.tmp is None:
+        with tempfile.TemporaryDirectory(prefix="atelier_bench_training_") as args.tmp:
+            return compare(args)
+    return compare(args)
+
+
+def compare(args):
+    """Both configurations, each in its own process, as one table."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -93,17 +105,15 @@ def main():
           f"checkpoint {os.path.basename(args.checkpoint)}")
     print(f"{'gradient checkpointing':>24} {'it/s':>8} {'peak memory':>14} {'activations saved':>20}")
     for gc in (False, True):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--checkpoint", args.checkpoint,
+        cmd = [sys.executable, "-m", "bench.bench_training", "--worker", "--checkpoint", args.checkpoint,
                "--resolution", str(res), "--steps", str(args.steps), "--tmp", args.tmp] + (["--gc"] if gc else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=PACK_ROOT)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         if out.returncode or not line:
             print(f"{str(gc):>24} failed:\n{out.stderr[-2000:]}")
             continue
         r = json.loads(line[-1])
         print(f"{str(gc):>24} {r['it_s']:8.3f} {r['peak_bytes'] / 2**20:11.0f} MiB {r['saved_bytes'] / 2**20:17.1f} MiB")
-    if not cuda:
-        print("SD1.5 architecture at 512x512 on a GPU: not measured (no GPU lent)")
 
 
 if __name__ == "__main__":

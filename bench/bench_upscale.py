@@ -1,27 +1,29 @@
 """Benchmark the tiled SwinIR core: throughput and peak memory, tiled vs untiled and by tile size, and the
 tiled-vs-untiled PSNR (seams). Prints a table; asserts nothing.
 
-CPU (default, tiny random SwinIR):   python bench/bench_upscale.py
+Run from the pack root:
+CPU (default, tiny random SwinIR):   python -m bench.bench_upscale
 GPU (full SwinIR-L architecture, random weights, 512^2 -> 2048^2):
-                                     python bench/bench_upscale.py --device cuda --arch swinir-l --size 512
+                                     python -m bench.bench_upscale --device cuda --arch swinir-l --size 512
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (exact); on CPU the growth of the process RSS
 sampled every 2 ms during the run (approximate, includes allocator caching).
 """
 import argparse
 import os
+import pathlib
 import sys
 import threading
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from atelier.upscale.tiled import TileReport, receptive_radius, upscale_tiled
+from atelier.tests.fixtures.tiny_swinir import tiny_swinir
 
-from atelier.upscale.tiled import TileReport, receptive_radius, upscale_tiled  # noqa: E402
-from atelier.tests.fixtures.tiny_swinir import tiny_swinir  # noqa: E402
-
-# the seed's 003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth configuration
+PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# the configuration of 003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth (the model of "Generate Stunning
+# Artworks with CLIP Guided Diffusion")
 SWINIR_L = dict(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, mlp_ratio=2.0,
                 resi_connection="3conv")
 
@@ -130,9 +132,9 @@ def child_result(a, spec, device):
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.pt")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", spec, "--save", path, "--arch", a.arch,
+        cmd = [sys.executable, "-m", "bench.bench_upscale", "--child", spec, "--save", path, "--arch", a.arch,
                "--size", str(a.size), "--gain", str(a.gain), "--threads", str(a.threads), "--device", "cpu"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PACK_ROOT)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -193,8 +195,8 @@ def main():
         secs = res["cpu"] if device.type == "cpu" else res["wall"]
         print(f"{name:>22}: {res['wall']:7.2f} s {res['cpu']:7.2f} s  {mp_out / secs:7.3f}  "
               f"{res['peak'] / 2**20:8.1f} MiB  {res['tiles']:5d} {res['calls']:5d}  {q}", flush=True)
-    print("# MP/s* = output megapixels per second of process CPU time on CPU (wall time on a shared machine is "
-          "noisy), per wall second on CUDA; peak = RSS growth (CPU, fresh process each row) or "
+    print("# MP/s* = output megapixels per second of process CPU time on CPU (wall time is noisy when other "
+          "processes share the CPU), per wall second on CUDA; peak = RSS growth (CPU, fresh process each row) or "
           "max_memory_allocated (CUDA)")
 
 

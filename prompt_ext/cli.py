@@ -14,42 +14,27 @@ import sys
 import time
 
 
-def _progress_printer():
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional here
-        tqdm = None
-    bar = tqdm(unit=" passages") if tqdm else None
-    state = {"last": 0}
-
-    def progress(n_articles, n_passages):
-        if bar is not None:
-            bar.update(n_passages - state["last"])
-            bar.set_postfix(articles=n_articles)
-        state["last"] = n_passages
-
-    return progress, bar
-
-
 def cmd_build(args):
+    from ..common.progress import TqdmProgress
     from .kb import build_kb
-    from .wiki import iter_jsonl, iter_wiki_dump
+    from .wiki import count_jsonl, iter_jsonl, iter_wiki_dump
 
     if bool(args.jsonl) == bool(args.wiki):
         sys.exit("give exactly one source: --jsonl FILE or --wiki DUMP")
     if args.jsonl:
-        source, articles = args.jsonl, iter_jsonl(args.jsonl)
+        source, articles, total = args.jsonl, iter_jsonl(args.jsonl), count_jsonl(args.jsonl)
     else:
         source, articles = args.wiki, iter_wiki_dump(args.wiki, max_articles=args.max_articles)
-    progress, bar = _progress_printer()
+        total = args.max_articles
+    progress = TqdmProgress("building knowledge base", unit=" articles")
     t = time.perf_counter()
     try:
-        n_art, n_pass = build_kb(articles, args.out, source=source, max_words=args.max_words, progress=progress)
+        n_art, n_pass = build_kb(articles, args.out, source=source, max_words=args.max_words, progress=progress,
+                                 total=total)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"build failed: {e}")
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     print(f"{args.out}: {n_art} articles, {n_pass} passages in {time.perf_counter() - t:.1f} s")
 
 

@@ -1,7 +1,7 @@
 """n(v) of equation 26: how many place and time entities a candidate prompt mentions.
 
-Seed 000 uses a named-entity recogniser plus regular expressions for places, addresses, times and dates.
-Here: a local Hugging Face token-classification model when the user has one (its LOC/GPE/DATE/TIME/FAC
+"Creative Painting with Latent Diffusion Models" uses a named-entity recogniser plus regular expressions for
+places, addresses, times and dates. Here: a local Hugging Face token-classification model when the user has one (its LOC/GPE/DATE/TIME/FAC
 entities), and always regular expressions for years, decades, centuries, eras, dates, months, seasons,
 times of day and clock times, and a shipped gazetteer of countries, regions and major cities
 (``data/gazetteer.txt``). Overlapping matches count once (the longest wins), so "19th century" is one

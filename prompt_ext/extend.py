@@ -1,11 +1,13 @@
-"""Prompt extension (seed 000 section 3, seed 001 section 3.3): retrieve, continue, score, pick.
+"""Prompt extension ("Creative Painting with Latent Diffusion Models", section 3; "Novel Paintings from the
+Latent Diffusion Model through Transfer Learning", section 3.3): retrieve, continue, score, pick.
 
 For a prompt u:
 1. knowledge: articles whose title occurs in u, then the BM25 best passages for u;
 2. language model (optional): N seeded continuations of u; knowledge is retrieved for each continuation too;
 3. candidates v = u + ", " + an extension (a sentence of a passage, or an LM continuation), cut between
    words so that v (plus the artist prompt, when given) fits CLIP's 75-token window;
-4. each candidate is scored by equation 26 of seed 000 extended by its entity term:
+4. each candidate is scored by equation 26 of "Creative Painting with Latent Diffusion Models" extended by its
+   entity term:
        w(v) = TFIDF(v) + lambda1 * cos(E(u), E(v)) + lambda2 * n(v)
    and the candidates are returned best first (ties keep generation order, so results are deterministic).
 The user's words are never rewritten: every candidate starts with u verbatim.
@@ -16,6 +18,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..common.files import cache_dir, file_sha256
+from ..common.progress import NO_PROGRESS
 from . import kb as kbmod
 from .entities import EntityCounter
 from .tfidf import TfidfEncoder, TfidfModel
@@ -62,8 +65,9 @@ _KB_CACHE = {}
 _KB_LOCK = threading.Lock()
 
 
-def open_knowledge_base(path):
-    """Open a knowledge base file; a ``.jsonl`` source is built into the cache first (once per content)."""
+def open_knowledge_base(path, progress=NO_PROGRESS):
+    """Open a knowledge base file; a ``.jsonl`` source is built into the cache first (once per content),
+    reporting to ``progress`` (a ``common.progress.Progress``; an interrupt leaves no half-built file)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise kbmod.KnowledgeBaseError(f"knowledge base {path!r} does not exist")
@@ -72,13 +76,14 @@ def open_knowledge_base(path):
         if key in _KB_CACHE:
             return _KB_CACHE[key]
         if path.endswith(".jsonl"):
-            from .wiki import iter_jsonl
+            from .wiki import count_jsonl, iter_jsonl
 
             name = os.path.splitext(os.path.basename(path))[0]
             built = os.path.join(cache_dir("knowledge"),
                                  f"{name}-{file_sha256(path)[:16]}-v{kbmod.FORMAT_VERSION}.sqlite")
             if not os.path.isfile(built):
-                kbmod.build_kb(iter_jsonl(path), built, source=os.path.basename(path))
+                kbmod.build_kb(iter_jsonl(path), built, source=os.path.basename(path), progress=progress,
+                               total=count_jsonl(path))
             base = kbmod.KnowledgeBase(built)
         else:
             base = kbmod.KnowledgeBase(path)
@@ -86,9 +91,9 @@ def open_knowledge_base(path):
         return base
 
 
-def default_knowledge_base():
+def default_knowledge_base(progress=NO_PROGRESS):
     """The knowledge base bundled with the pack (built from its JSONL on first use)."""
-    return open_knowledge_base(DEFAULT_KB_JSONL)
+    return open_knowledge_base(DEFAULT_KB_JSONL, progress)
 
 
 _TFIDF_CACHE = {}
@@ -176,7 +181,7 @@ class PromptExtender:
             if lm is not None and lm.seq2seq:
                 from .lm import LMEncoder
 
-                encoder = LMEncoder(lm)  # T5's encoder, as in seed 000
+                encoder = LMEncoder(lm)  # T5's encoder, as in "Creative Painting with Latent Diffusion Models"
             else:
                 encoder = TfidfEncoder(self.tfidf)
         self.encoder = encoder
@@ -216,6 +221,19 @@ class PromptExtender:
             raise PromptError("the prompt is empty: type a few words describing the picture to extend")
         artist = _WS.sub(" ", artist or "").strip().strip(",").strip()
         n_candidates = max(1, int(n_candidates))
+        budget = self._budget(prompt, artist)
+        candidates = self._candidates(prompt, budget, n_candidates, seed, k_passages, max_new_tokens, warnings)
+        ranked = self._ranked(prompt, candidates, lambda1, lambda2)
+
+        def with_artist(text):
+            return text + SEPARATOR + artist if artist else text
+
+        prompts = [with_artist(c.text) for c in ranked[:n_candidates]]
+        report = self.report(prompt, ranked, n_candidates, lambda1, lambda2, seed, artist, warnings)
+        return Extension(prompt, prompts[0], prompts, ranked, report, warnings)
+
+    def _budget(self, prompt, artist):
+        """CLIP tokens left for an extension once u, the separator and the artist prompt are counted."""
         used = self.tokens.count(prompt)
         tail = self.tokens.count(SEPARATOR + artist) if artist else 0
         if used + tail > self.window:
@@ -223,8 +241,10 @@ class PromptExtender:
                 f"the prompt{' plus the artist prompt' if artist else ''} is {used + tail} CLIP tokens, more than the "
                 f"{self.window}-token window: shorten it (or switch the extender off to use it as it is)"
             )
-        budget = self.window - used - tail - self.tokens.count(SEPARATOR.strip())
+        return self.window - used - tail - self.tokens.count(SEPARATOR.strip())
 
+    def _candidates(self, prompt, budget, n_candidates, seed, k_passages, max_new_tokens, warnings):
+        """Candidates v = u + ", " + extension, cut to the budget, without repeats (u itself when none is left)."""
         seen = {_norm(prompt)}
         candidates = []
         for ext, source in self._extensions(prompt, n_candidates, seed, k_passages, max_new_tokens, warnings):
@@ -238,7 +258,10 @@ class PromptExtender:
             warnings.append("nothing relevant found in the knowledge base" +
                             (" nor from the language model" if self.lm is not None else "") + ": prompt kept as is")
             candidates.append(Candidate(prompt, "prompt (unchanged)"))
+        return candidates
 
+    def _ranked(self, prompt, candidates, lambda1, lambda2):
+        """The candidates scored by equation 26, best first (ties keep generation order)."""
         cosines = self.encoder.cosines(prompt, [c.text for c in candidates])
         for c, cos in zip(candidates, cosines):
             c.tfidf = self.tfidf.score(c.text)
@@ -247,14 +270,7 @@ class PromptExtender:
             c.entities = len(c.entity_spans)
             c.score = score(c.tfidf, c.cosine, c.entities, lambda1, lambda2)
         order = sorted(range(len(candidates)), key=lambda i: (-round(candidates[i].score, 12), i))
-        ranked = [candidates[i] for i in order]
-
-        def with_artist(text):
-            return text + SEPARATOR + artist if artist else text
-
-        prompts = [with_artist(c.text) for c in ranked[:n_candidates]]
-        report = self.report(prompt, ranked, n_candidates, lambda1, lambda2, seed, artist, warnings)
-        return Extension(prompt, prompts[0], prompts, ranked, report, warnings)
+        return [candidates[i] for i in order]
 
     def report(self, prompt, ranked, n_candidates, lambda1, lambda2, seed, artist, warnings, rows=12):
         lines = [

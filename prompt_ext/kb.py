@@ -12,7 +12,8 @@ File layout (format version ``FORMAT_VERSION``):
 - ``passages``: FTS5 table ``(title, text)``; the rowid is the passage id, passages of one article are
   consecutive;
 - ``titles(norm, first, count)``: normalised article title -> its passages, for title matching
-  (seed 000 first matches the prompt against the list of article titles).
+  ("Creative Painting with Latent Diffusion Models" first matches the prompt against the list of
+  article titles).
 """
 import os
 import re
@@ -22,6 +23,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from ..common.files import atomic_file
+from ..common.progress import NO_PROGRESS
 
 FORMAT_NAME = "atelier-knowledge"
 FORMAT_VERSION = 1
@@ -125,31 +127,38 @@ def check_fts5():
         ) from e
 
 
-def build_kb(articles, out_path, source="", max_words=80, progress=None, batch=5000):
+def build_kb(articles, out_path, source="", max_words=80, progress=NO_PROGRESS, batch=5000, total=None):
     """Write a knowledge base from ``(title, text)`` pairs; atomic (temp file, then rename).
 
-    ``progress(n_articles, n_passages)`` is called after every batch. Returns (articles, passages).
+    ``progress`` (a ``common.progress.Progress``) gets ``update(records read, total)`` after every batch of
+    passages (``total``: the number of records when known, else None) and ``check_interrupt()`` before it;
+    an interrupt leaves no file behind. Returns (articles, passages).
     """
     check_fts5()
     with atomic_file(out_path) as tmp:
         con = sqlite3.connect(tmp)
         try:
-            return _fill_kb(con, articles, source, max_words, progress, batch)
+            return _fill_kb(con, articles, source, max_words, progress, batch, total)
         finally:
             con.close()
 
 
-def _fill_kb(con, articles, source, max_words, progress, batch):
+def _create_tables(con):
     con.execute("PRAGMA journal_mode=OFF")
     con.execute("PRAGMA synchronous=OFF")
     con.execute("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     con.execute(f"CREATE VIRTUAL TABLE passages USING fts5(title, text, tokenize='{TOKENIZER}')")
     con.execute("CREATE VIRTUAL TABLE passages_vocab USING fts5vocab(passages, row)")
     con.execute("CREATE TABLE titles(norm TEXT PRIMARY KEY, first INTEGER NOT NULL, count INTEGER NOT NULL)")
+
+
+def _fill_kb(con, articles, source, max_words, progress, batch, total):
+    _create_tables(con)
     rowid = 0
-    n_articles = 0
+    n_articles = read = 0
     rows, title_rows = [], {}
     for title, text in articles:
+        read += 1
         title = " ".join(str(title).split())
         chunks = split_passages(str(text), max_words=max_words)
         if not title or not chunks:
@@ -162,10 +171,10 @@ def _fill_kb(con, articles, source, max_words, progress, batch):
             rowid += 1
             rows.append((rowid, title, chunk))
         if len(rows) >= batch:
+            progress.check_interrupt()
             con.executemany("INSERT INTO passages(rowid, title, text) VALUES (?, ?, ?)", rows)
             rows = []
-            if progress:
-                progress(n_articles, rowid)
+            progress.update(read, total)
     if rows:
         con.executemany("INSERT INTO passages(rowid, title, text) VALUES (?, ?, ?)", rows)
     if rowid == 0:
@@ -183,8 +192,7 @@ def _fill_kb(con, articles, source, max_words, progress, batch):
     }
     con.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
     con.commit()
-    if progress:
-        progress(n_articles, rowid)
+    progress.update(read, read)
     return n_articles, rowid
 
 
@@ -304,7 +312,8 @@ class KnowledgeBase:
     def match_titles(self, text, max_words=MAX_TITLE_WORDS):
         """Article titles that occur word for word in ``text`` (longest first, no overlaps).
 
-        This is seed 000's first step: "match [the prompt] with the title list in wikipedia".
+        This is the first step of "Creative Painting with Latent Diffusion Models": "match [the prompt] with
+        the title list in wikipedia".
         """
         tokens = words(text)
         found, used = [], set()

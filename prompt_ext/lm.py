@@ -1,7 +1,8 @@
 """Language-model continuation from local Hugging Face model directories (offline, seeded).
 
-- causal LMs (GPT-2, a prompt-tuned GPT-2 as in seed 001, DialoGPT): continue the prompt; DialoGPT-style
-  dialogue models (directory name contains "dialo") get the prompt as a query turn ending in EOS and answer it;
+- causal LMs (GPT-2, a prompt-tuned GPT-2 as in "Novel Paintings from the Latent Diffusion Model through
+  Transfer Learning", DialoGPT): continue the prompt; DialoGPT-style dialogue models (directory name
+  contains "dialo") get the prompt as a query turn ending in EOS and answer it;
 - seq2seq LMs (T5): the prompt followed by T5's first sentinel ``<extra_id_0>``, so T5 writes the span
   that follows (its pre-training task), or the plain prompt for a tokenizer without sentinels (FLAN-style).
 
@@ -103,7 +104,8 @@ class LanguageModel:
         return [" ".join(t.split()) for t in texts]
 
     def embed(self, texts):
-        """Mean-pooled hidden states, L2-normalised: E(.) of equation 26 (T5's encoder, as in seed 000)."""
+        """Mean-pooled hidden states, L2-normalised: E(.) of equation 26 (T5's encoder, as in "Creative Painting
+        with Latent Diffusion Models")."""
         import torch
 
         enc = self.tokenizer(list(texts), return_tensors="pt", padding=True)

@@ -1,7 +1,7 @@
 """A small TF-IDF model: the "content fertility" term of equation 26 and a fallback sentence encoder.
 
-Seed 000 trains a TF-IDF model on prompt/caption text (LAION + WikiArt) and "uses it to score the prompts",
-without saying how a TF-IDF vector becomes one number. We take the length-normalised sum of the TF-IDF
+"Creative Painting with Latent Diffusion Models" trains a TF-IDF model on prompt/caption text (LAION +
+WikiArt) and "uses it to score the prompts", without saying how a TF-IDF vector becomes one number. We take the length-normalised sum of the TF-IDF
 weights of the candidate's words, scaled into [0, 1):
 
     TFIDF(v) = (1 / |v|) * sum over word positions t of v of  idf(t) / idf_max

@@ -138,3 +138,9 @@ def iter_jsonl(path):
                     or not isinstance(record.get("text"), str):
                 raise ValueError(f'{path}:{lineno}: each line must be an object with string "title" and "text"')
             yield record["title"], record["text"]
+
+
+def count_jsonl(path):
+    """The number of records (non-empty lines) of a JSONL file: the total for a build's progress."""
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())

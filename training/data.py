@@ -15,6 +15,7 @@ import torch
 
 from ..common.artdata import IMAGE_EXTS, MetadataError, load_metadata_table, parse_wikiart, row_metadata
 from ..common.files import atomic_write, file_sha256
+from ..common.progress import NO_PROGRESS, Progress
 
 DEFAULT_TEMPLATE = "a {genre} painting by {artist}, {style}, {year}"
 CAPTION_MODES = ("template", "sidecar", "both")
@@ -87,20 +88,50 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
     ``small_images``: images with fewer pixels than ``resolution``² would be upscaled to fill their bucket;
     "error" refuses them (listing them), "skip" leaves them out (reported), "upscale" keeps them.
     """
-    from PIL import Image
-
     if small_images not in ("error", "skip", "upscale"):
         raise DataError(f"small_images must be error, skip or upscale, got {small_images!r}")
+    _check_folder(root)
+    try:
+        table = load_metadata_table(metadata_file)
+    except (OSError, MetadataError) as e:
+        raise DataError(f"cannot use metadata file {metadata_file}: {e}") from e
+    paths = image_paths(root)
+    samples, skipped, small = [], [], []
+    for p in paths:
+        rel = os.path.normpath(os.path.relpath(p, root))
+        size, reason = _image_size(p, resolution, small_images)
+        if reason == "small":
+            small.append(f"{rel} ({size[0]}x{size[1]})")
+        elif reason:
+            skipped.append((p, reason))
+        else:
+            sample, reason = _sample(p, rel, size, table, caption_mode, template, trigger, artist)
+            if sample is None:
+                skipped.append((p, reason))
+            else:
+                samples.append(sample)
+    if small:
+        raise DataError(f"{len(small)} image(s) are smaller than the training resolution {resolution}x{resolution}: "
+                        f"{', '.join(small[:5])}{' ...' if len(small) > 5 else ''}. Use larger images, a lower "
+                        "--resolution, or --small-images skip / upscale")
+    if not samples:
+        reasons = "; ".join(f"{os.path.basename(p)}: {r}" for p, r in skipped[:5])
+        raise DataError(f"no usable images under {root!r} ({len(skipped)} skipped: {reasons})")
+    return ScanResult(samples, skipped)
+
+
+def _check_folder(root):
     if not os.path.isdir(root):
         raise DataError(f"data folder {root!r} does not exist or is not a folder")
     try:
         os.listdir(root)
     except OSError as e:
         raise DataError(f"cannot read data folder {root!r}: {e}") from e
-    try:
-        table = load_metadata_table(metadata_file)
-    except (OSError, MetadataError) as e:
-        raise DataError(f"cannot use metadata file {metadata_file}: {e}") from e
+
+
+def image_paths(root: str) -> list[str]:
+    """The image files under ``root`` in a stable order (hidden files left out); DataError when none."""
+    _check_folder(root)
     paths = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: (_ for _ in ()).throw(
             DataError(f"cannot read {e.filename!r}: {e.strerror}"))):
@@ -111,44 +142,39 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
     if not paths:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root!r}; put one artist's paintings "
                         "there (WikiArt layout Style/artist-name_title-year.jpg or any folder)")
-    samples, skipped, small = [], [], []
-    for p in paths:
-        rel = os.path.normpath(os.path.relpath(p, root))
-        try:
-            with Image.open(p) as im:
-                im.verify()
-            with Image.open(p) as im:
-                w, h = im.size
-        except Exception as e:  # PIL raises many types for broken files
-            skipped.append((p, f"unreadable image: {e}"))
-            continue
-        if w * h < resolution * resolution and small_images != "upscale":
-            if small_images == "error":
-                small.append(f"{rel} ({w}x{h})")
-            else:
-                skipped.append((p, f"smaller than {resolution}x{resolution} ({w}x{h})"))
-            continue
-        meta = row_metadata(rel.replace(os.sep, "/"), table)  # WikiArt name + metadata-file columns
-        if artist:
-            meta["artist"] = artist
-        sidecar_path = os.path.splitext(p)[0] + ".txt"
-        sidecar = None
-        if os.path.exists(sidecar_path):
-            with open(sidecar_path, encoding="utf-8") as f:
-                sidecar = f.read()
-        elif caption_mode == "sidecar":
-            skipped.append((p, f"no caption file {os.path.basename(sidecar_path)} (caption mode 'sidecar')"))
-            continue
-        samples.append(Sample(p, build_caption(meta, sidecar, caption_mode, template, trigger), meta, w, h,
-                              file_sha256(p)))
-    if small:
-        raise DataError(f"{len(small)} image(s) are smaller than the training resolution {resolution}x{resolution}: "
-                        f"{', '.join(small[:5])}{' ...' if len(small) > 5 else ''}. Use larger images, a lower "
-                        "--resolution, or --small-images skip / upscale")
-    if not samples:
-        reasons = "; ".join(f"{os.path.basename(p)}: {r}" for p, r in skipped[:5])
-        raise DataError(f"no usable images under {root!r} ({len(skipped)} skipped: {reasons})")
-    return ScanResult(samples, skipped)
+    return paths
+
+
+def _image_size(path, resolution, small_images):
+    """((w, h), None) for a usable image; the reason otherwise ("small" when the caller must refuse it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception as e:  # PIL raises many types for broken files
+        return None, f"unreadable image: {e}"
+    if w * h < resolution * resolution and small_images != "upscale":
+        return (w, h), "small" if small_images == "error" else f"smaller than {resolution}x{resolution} ({w}x{h})"
+    return (w, h), None
+
+
+def _sample(path, rel, size, table, caption_mode, template, trigger, artist):
+    """(Sample, None), or (None, reason) when caption mode "sidecar" finds no caption file."""
+    meta = row_metadata(rel.replace(os.sep, "/"), table)  # WikiArt name + metadata-file columns
+    if artist:
+        meta["artist"] = artist
+    sidecar_path = os.path.splitext(path)[0] + ".txt"
+    sidecar = None
+    if os.path.exists(sidecar_path):
+        with open(sidecar_path, encoding="utf-8") as f:
+            sidecar = f.read()
+    elif caption_mode == "sidecar":
+        return None, f"no caption file {os.path.basename(sidecar_path)} (caption mode 'sidecar')"
+    caption = build_caption(meta, sidecar, caption_mode, template, trigger)
+    return Sample(path, caption, meta, size[0], size[1], file_sha256(path)), None
 
 
 # ---------------------------------------------------------------- images
@@ -170,7 +196,8 @@ def load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 # ---------------------------------------------------------------- CLIP filter
 def clip_filter(samples: list[Sample], embedder, threshold: float = 0.2, batch_size: int = 16):
-    """Drop image–caption pairs whose CLIP cosine similarity is below ``threshold`` (seed 001 uses 0.2).
+    """Drop image–caption pairs whose CLIP cosine similarity is below ``threshold`` (0.2 in "Novel Paintings from
+    the Latent Diffusion Model through Transfer Learning").
 
     ``embedder`` follows the ATELIER_CLIP contract (``encode_text``, ``encode_image``, ``image_size``).
     Returns (kept, dropped) where dropped is a list of (sample, score).
@@ -226,16 +253,19 @@ def latent_cache_key(content_hash: str, vae_hash: str, bucket: tuple[int, int]) 
     return hashlib.sha256(f"{content_hash}|{vae_hash}|{bucket[0]}x{bucket[1]}".encode()).hexdigest()[:32]
 
 
-def cache_latents(samples: list[Sample], encode_fn, cache_dir: str, vae_hash: str, progress=None) -> list[torch.Tensor]:
+def cache_latents(samples: list[Sample], encode_fn, cache_dir: str, vae_hash: str,
+                  progress: Progress = NO_PROGRESS) -> list[torch.Tensor]:
     """Latent per sample, read from ``cache_dir`` or computed with ``encode_fn(images[B,3,H,W]) → latents``.
 
     Files are keyed by image content hash + VAE hash + bucket, so renaming images keeps the cache and
-    changing the VAE or resolution does not reuse stale latents.
+    changing the VAE or resolution does not reuse stale latents. ``progress.update(done, len(samples))`` after
+    each sample, ``progress.check_interrupt()`` before it: an interrupted run keeps what it cached.
     """
     from safetensors.torch import load_file, save_file
 
     out = []
-    for s in samples:
+    for i, s in enumerate(samples):
+        progress.check_interrupt()
         path = os.path.join(cache_dir, latent_cache_key(s.content_hash, vae_hash, s.bucket) + ".safetensors")
         lat = None
         if os.path.exists(path):
@@ -251,8 +281,7 @@ def cache_latents(samples: list[Sample], encode_fn, cache_dir: str, vae_hash: st
             atomic_write(path, lambda tmp: save_file({"latent": lat}, tmp, metadata={"source": s.meta.get("path", ""),
                                                                                       "bucket": f"{s.bucket[0]}x{s.bucket[1]}"}))
         out.append(lat)
-        if progress is not None:
-            progress(1)
+        progress.update(i + 1, len(samples))
     return out
 
 

@@ -20,6 +20,7 @@ import sys
 import time
 
 from ..common.files import atomic_write, file_sha256
+from ..common.progress import TqdmProgress
 from .data import (CAPTION_MODES, DEFAULT_TEMPLATE, BucketBatchSampler, DataError, assign_buckets, cache_latents,
                    clip_filter, scan_folder)
 
@@ -67,7 +68,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--small-images", key="small_images", choices=("error", "skip", "upscale"),
         help="what to do with images smaller than resolution²")
     add("--clip-filter", key="clip_filter", action=argparse.BooleanOptionalAction,
-        help="drop image–caption pairs whose CLIP similarity is below --clip-threshold (seed 001)")
+        help="drop image–caption pairs whose CLIP similarity is below --clip-threshold (as in 'Novel Paintings "
+             "from the Latent Diffusion Model through Transfer Learning')")
     add("--clip-threshold", key="clip_threshold", type=float, help="CLIP cosine similarity threshold")
     add("--clip-model", key="clip_model", help="open_clip architecture for the filter")
     add("--clip-weights", key="clip_weights", help="open_clip weights file for the filter")
@@ -85,11 +87,13 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     add("--train-text-encoder", key="train_text_encoder", action=argparse.BooleanOptionalAction,
         help="train the text encoder too (LoRA or full)")
     add("--text-encoder-only-steps", key="text_encoder_only_steps", type=int,
-        help="first N steps train the text encoder alone (seed 000), then jointly; 0 = joint only")
+        help="first N steps train the text encoder alone, then jointly (as in 'Creative Painting with Latent "
+             "Diffusion Models'); 0 = joint only")
     g = p.add_argument_group("optimisation")
     add("--steps", key="steps", type=int, help="optimiser steps")
     add("--batch-size", key="batch_size", type=int, help="images per step per process")
-    add("--lr", key="lr", type=float, help="UNet learning rate (full fine-tune: use ~1e-5 as seed 001)")
+    add("--lr", key="lr", type=float, help="UNet learning rate (full fine-tune: use ~1e-5, the value of 'Novel "
+        "Paintings from the Latent Diffusion Model through Transfer Learning')")
     add("--lr-text-encoder", key="lr_text_encoder", type=float, help="text-encoder learning rate")
     add("--weight-decay", key="weight_decay", type=float, help="AdamW weight decay")
     add("--max-grad-norm", key="max_grad_norm", type=float, help="gradient clipping norm (0 = off)")
@@ -235,15 +239,30 @@ def _clip_filtered(cfg, samples, device, out, rank, say):
     return samples
 
 
+class TrainingProgress(TqdmProgress):
+    """The trainer's bar: steps done, with the last loss and the stage after the count."""
+
+    postfix = None
+
+    def show_loss(self, loss, stage):
+        self.postfix = {"loss": f"{loss:.4f}", "stage": stage}
+
+    def update(self, done, total, preview=None):
+        super().update(done, total, preview)
+        if self._bar is not None and self.postfix:
+            self._bar.set_postfix(self.postfix, refresh=False)
+
+
 def _cached_latents(cfg, samples, backend, out, rank):
     """Latents of every sample: rank 0 encodes into the cache, the other ranks read it after the barrier."""
-    from tqdm.auto import tqdm
-
     cache_dir = cfg["cache_dir"] or os.path.join(out, "latent_cache")
     vae_hash = backend.vae_hash()
     if rank == 0:
-        with tqdm(total=len(samples), desc="caching latents", disable=not cfg["progress"]) as bar:
-            cache_latents(samples, backend.vae_encode, cache_dir, vae_hash, bar.update)
+        progress = TqdmProgress("caching latents", unit="image", enabled=cfg["progress"])
+        try:
+            cache_latents(samples, backend.vae_encode, cache_dir, vae_hash, progress)
+        finally:
+            progress.close()
     _barrier()
     return cache_latents(samples, backend.vae_encode, cache_dir, vae_hash)
 
@@ -329,6 +348,16 @@ def _export(cfg, backend, groups, samples, artist, styles, name, out, mp, world,
         say(f"wrote checkpoint {path}; copy it to ComfyUI/models/checkpoints/")
 
 
+def _train(cfg, trainer, rank):
+    """The training loop with its bar (rank 0, unless --no-progress) showing the loss and the stage."""
+    progress = TrainingProgress("training", unit="step", enabled=cfg["progress"] and rank == 0)
+    trainer.on_step = lambda step, loss: progress.show_loss(loss, trainer.stage(step - 1))
+    try:
+        return trainer.train(progress)
+    finally:
+        progress.close()
+
+
 def run(cfg: dict, backend_factory=None) -> int:
     """The whole job; returns the process exit code (0 done, 130 interrupted)."""
     started = time.time()
@@ -348,7 +377,7 @@ def run(cfg: dict, backend_factory=None) -> int:
     say(f"{len(samples)} images of {artist} in {len(set(s.bucket for s in samples))} bucket(s)")
     params, groups = _trainable(cfg, backend)
     trainer = _trainer(cfg, backend, params, samples, latents, artist, out, device, mp, rank, world, say)
-    result = trainer.train(progress=cfg["progress"])
+    result = _train(cfg, trainer, rank)
     if result.interrupted:
         return 130
     if rank == 0:

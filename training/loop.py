@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.files import atomic_folder
+from ..common.progress import NO_PROGRESS, Progress
 
 CHECKPOINT_FORMAT = 1
 
@@ -105,7 +106,8 @@ class TrainConfig:
     batch_size: int = 1
     lr_unet: float = 1e-4
     lr_text_encoder: float = 5e-5
-    text_encoder_only_steps: int = 0   # seed 000: > 0 trains the text encoder alone first, then jointly
+    text_encoder_only_steps: int = 0   # > 0 trains the text encoder alone first, then jointly (as in "Creative
+                                       # Painting with Latent Diffusion Models")
     weight_decay: float = 1e-2
     adam_betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -183,38 +185,55 @@ class Trainer:
 
     # -- one step
     def train_step(self) -> float:
+        """One optimiser step on the batch of ``self.step``; returns the loss (averaged over ranks)."""
         cfg = self.cfg
-        stage = self.stage(self.step)
-        self._set_stage(stage)
-        global_batch, _ = self.sampler.batch_at(self.step)
-        local = self.sampler.local(global_batch)
-        x0 = torch.stack([self.latents[i] for i in local]).to(self.device, torch.float32)
-        captions = [self.captions[i] for i in local]
-        g = step_generator(cfg.seed, self.step)
-        shape = (len(global_batch),) + tuple(x0.shape[1:])
-        noise = torch.randn(shape, generator=g)
-        t = torch.randint(0, self.schedule.num_timesteps, (len(global_batch),), generator=g)
-        lo = self.rank * len(local)
-        noise, t = noise[lo:lo + len(local)].to(self.device), t[lo:lo + len(local)].to(self.device)
-
+        self._set_stage(self.stage(self.step))
+        x0, captions, noise, t = self._batch()
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        te_trains = "te" in self.params  # both stages train the text encoder when it has LoRA
         with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            if te_trains:
-                context = self.encode_fn(captions)
-            else:  # frozen text encoder: encode each caption once (same values, one CLIP pass saved per step)
-                missing = [c for c in dict.fromkeys(captions) if c not in self._context_cache]
-                if missing:
-                    with torch.no_grad():
-                        for c, z in zip(missing, self.encode_fn(missing)):
-                            self._context_cache[c] = z
-                context = torch.stack([self._context_cache[c] for c in captions])
+            context = self._context(captions)
             x_t, target = self.schedule.noisy_and_target(x0, noise, t)
             pred = self.unet_fn(x_t, t, context)
             loss = F.mse_loss(pred.float(), target.float())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {self.step}: lower the learning rate or "
                                      "use --mixed-precision bf16/no")
+        self._optimise(loss)
+        self.step += 1
+        value = loss.detach().float()
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(value)
+            value /= self.world
+        return float(value)
+
+    def _batch(self):
+        """(latents, captions, noise, timesteps) of this rank's share of step ``self.step``'s global batch."""
+        global_batch, _ = self.sampler.batch_at(self.step)
+        local = self.sampler.local(global_batch)
+        x0 = torch.stack([self.latents[i] for i in local]).to(self.device, torch.float32)
+        captions = [self.captions[i] for i in local]
+        g = step_generator(self.cfg.seed, self.step)
+        shape = (len(global_batch),) + tuple(x0.shape[1:])
+        noise = torch.randn(shape, generator=g)
+        t = torch.randint(0, self.schedule.num_timesteps, (len(global_batch),), generator=g)
+        lo = self.rank * len(local)
+        return x0, captions, noise[lo:lo + len(local)].to(self.device), t[lo:lo + len(local)].to(self.device)
+
+    def _context(self, captions):
+        """Text-encoder output for the captions; a frozen encoder encodes each caption once and keeps it."""
+        if "te" in self.params:  # both stages train the text encoder when it has LoRA
+            return self.encode_fn(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self._context_cache]
+        if missing:
+            with torch.no_grad():
+                for c, z in zip(missing, self.encode_fn(missing)):
+                    self._context_cache[c] = z
+        return torch.stack([self._context_cache[c] for c in captions])
+
+    def _optimise(self, loss):
+        """Backward, gradient averaging over ranks, clipping, the (scaled) optimiser step and the EMA."""
+        cfg = self.cfg
         self.scaler.scale(loss).backward()
         trainable = [p for p in self.flat_params().values() if p.requires_grad]
         if self.world > 1:
@@ -227,47 +246,48 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.flat_params())
-        self.step += 1
-        value = loss.detach().float()
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(value)
-            value /= self.world
-        return float(value)
 
     # -- the loop
-    def train(self, progress: bool = True) -> TrainResult:
-        from tqdm.auto import tqdm
+    def train(self, progress: Progress = NO_PROGRESS) -> TrainResult:
+        """Run to ``cfg.steps``; Ctrl-C (or :meth:`request_stop`) ends between steps with a checkpoint saved.
 
+        ``progress.update(step, steps)`` after every step; ``progress.check_interrupt()`` before it, and an
+        exception it raises (the host's interrupt) is re-raised after the checkpoint is saved.
+        """
         cfg = self.cfg
         losses = []
         restore = self._install_sigint()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress or self.rank != 0,
-                   desc="training", dynamic_ncols=True)
         interrupted = False
-        last_ckpt = None
+        progress.update(self.step, cfg.steps)
         try:
             while self.step < cfg.steps:
                 if self._stop_requested():
                     interrupted = True
                     break
+                self._check_interrupt(progress)
                 loss = self.train_step()
                 losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", stage=self.stage(self.step - 1))
                 if self.on_step is not None:
                     self.on_step(self.step, loss)
+                progress.update(self.step, cfg.steps)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    last_ckpt = self.save_checkpoint()
+                    self.save_checkpoint()
         except KeyboardInterrupt:
             interrupted = True  # raised outside our handler's reach (e.g. no main thread); state is between steps
         finally:
-            bar.close()
             restore()
         last_ckpt = self.save_checkpoint()
         if interrupted and self.rank == 0:
             print(f"\ninterrupted at step {self.step}/{cfg.steps}; saved {last_ckpt}. Continue with --resume.")
         return TrainResult(self.step, interrupted, losses, last_ckpt)
+
+    def _check_interrupt(self, progress):
+        """The host's interrupt ends the run between steps like Ctrl-C does, with the state saved first."""
+        try:
+            progress.check_interrupt()
+        except BaseException:
+            self.save_checkpoint()
+            raise
 
     def request_stop(self):
         self._stop.set()

@@ -18,7 +18,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-# SwinIR's activations overflow fp16 (ANCHORS 7.2: SwinIR#180, A1111 #14524, chaiNNer #878). spandrel
+from ..common.progress import NO_PROGRESS, Progress
+
+# SwinIR's activations overflow fp16 (SwinIR#180, A1111 #14524, chaiNNer #878). spandrel
 # allows bf16, but bf16 output differs from fp32 (tests/unit/test_upscale_tiled.py), so fp32 only. Other
 # architectures follow their descriptor's supports_half / supports_bfloat16.
 FP32_ONLY_ARCHES = {"SwinIR"}
@@ -236,34 +238,8 @@ def _padded_size(h: int, w: int, req: TileRequirements) -> tuple[int, int]:
     return ph, pw
 
 
-def upscale_tiled(
-    model,
-    image: torch.Tensor,
-    *,
-    tile: int = 512,
-    overlap: int = 32,
-    scale: int | None = None,
-    tile_batch: int = 1,
-    min_tile: int = 64,
-    feather: float = 0.5,
-    requirements: TileRequirements | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-    output_device: torch.device | str = "cpu",
-    oom_exceptions: Iterable[type[BaseException]] = (TORCH_OOM,),
-    on_oom: Callable[[], None] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    check_interrupt: Callable[[], None] | None = None,
-    report: TileReport | None = None,
-) -> torch.Tensor:
-    """Run ``model`` over ``image`` ([B, C, H, W], 0..1) tile by tile; returns [B, C_out, H*s, W*s] float32.
-
-    ``model`` is a spandrel ``ImageModelDescriptor`` (scale, size requirements and window read from it) or
-    any callable [N, C, h, w] -> [N, C_out, h*s, w*s] with ``scale`` (and ``requirements``) given.
-    ``tile``/``overlap`` are input pixels; ``tile`` is rounded down to the alignment. On an exception in
-    ``oom_exceptions`` the tile batch is halved, then the tile, down to ``min_tile``; below that
-    ``TileOOMError``. ``progress(done, total)`` runs after each model call, ``check_interrupt()`` before it.
-    """
+def _checked_scale(model, image, dtype, scale):
+    """Refuse what cannot run (shape, model kind, precision, channels); the model's scale as an int."""
     if image.ndim != 4:
         raise ValueError(f"Expected an image batch [B, C, H, W], got shape {tuple(image.shape)}.")
     if image.shape[0] == 0 or image.shape[2] == 0 or image.shape[3] == 0:
@@ -286,7 +262,11 @@ def upscale_tiled(
     in_ch = getattr(model, "input_channels", None)
     if in_ch is not None and image.shape[1] != in_ch:
         raise ValueError(f"The model expects {in_ch} input channels, the image has {image.shape[1]}.")
-    req = requirements or requirements_of(model)
+    return scale
+
+
+def _checked_tile(req, tile, overlap, feather):
+    """The tile rounded down to the alignment, after checking tile, overlap and feather."""
     if tile < req.smallest_tile:
         raise ValueError(
             f"tile={tile} is smaller than the model allows ({req.smallest_tile} px: window {req.window}, "
@@ -297,19 +277,56 @@ def upscale_tiled(
         raise ValueError(f"overlap={overlap} must be >= 0 and smaller than the tile ({tile}).")
     if not 0.0 <= feather <= 1.0:
         raise ValueError(f"feather={feather} must be in [0, 1].")
+    return tile
+
+
+def _default_device(model, image):
+    module = _module_of(model)
+    params = next(module.parameters(), None) if module is not None else None
+    return params.device if params is not None else image.device
+
+
+def upscale_tiled(
+    model,
+    image: torch.Tensor,
+    *,
+    tile: int = 512,
+    overlap: int = 32,
+    scale: int | None = None,
+    tile_batch: int = 1,
+    min_tile: int = 64,
+    feather: float = 0.5,
+    requirements: TileRequirements | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    output_device: torch.device | str = "cpu",
+    oom_exceptions: Iterable[type[BaseException]] = (TORCH_OOM,),
+    on_oom: Callable[[], None] | None = None,
+    progress: Progress = NO_PROGRESS,
+    report: TileReport | None = None,
+) -> torch.Tensor:
+    """Run ``model`` over ``image`` ([B, C, H, W], 0..1) tile by tile; returns [B, C_out, H*s, W*s] float32.
+
+    ``model`` is a spandrel ``ImageModelDescriptor`` (scale, size requirements and window read from it) or
+    any callable [N, C, h, w] -> [N, C_out, h*s, w*s] with ``scale`` (and ``requirements``) given.
+    ``tile``/``overlap`` are input pixels; ``tile`` is rounded down to the alignment. On an exception in
+    ``oom_exceptions`` the tile batch is halved, then the tile, down to ``min_tile``; below that
+    ``TileOOMError``. ``progress.update(done, total)`` runs after each model call (tiles done of all tiles),
+    ``progress.check_interrupt()`` before it.
+    """
+    scale = _checked_scale(model, image, dtype, scale)
+    req = requirements or requirements_of(model)
+    tile = _checked_tile(req, tile, overlap, feather)
     floor = max(req.smallest_tile, min_tile // req.align * req.align)
     tile_batch = max(1, int(tile_batch))
     oom_types = tuple(oom_exceptions)
-    if device is None:
-        module = _module_of(model)
-        params = next(module.parameters(), None) if module is not None else None
-        device = params.device if params is not None else image.device
+    device = _default_device(model, image) if device is None else device
 
     retries = 0
     while True:
         try:
             out, rep = _run(model, image, tile, overlap, scale, tile_batch, feather, req, dtype, device,
-                            output_device, progress, check_interrupt)
+                            output_device, progress)
             break
         except BaseException as exc:  # noqa: BLE001 - filtered to the caller's OOM types just below
             if not oom_types or not isinstance(exc, oom_types):
@@ -317,26 +334,28 @@ def upscale_tiled(
             retries += 1
             if on_oom is not None:
                 on_oom()
-            if tile_batch > 1:
-                tile_batch //= 2
-                continue
-            smaller = (tile // 2) // req.align * req.align
-            if smaller < floor:
-                raise TileOOMError(
-                    f"Out of memory even with {tile}x{tile} tiles (floor {floor}) on a "
-                    f"{image.shape[-1]}x{image.shape[-2]} image: free memory (close other models), use a "
-                    f"smaller model, or run on the CPU."
-                ) from exc
-            tile = smaller
-            overlap = min(overlap, tile // 2)
+            tile, overlap, tile_batch = _smaller(tile, overlap, tile_batch, req.align, floor, image, exc)
     rep.oom_retries = retries
     if report is not None:
         report.__dict__.update(rep.__dict__)
     return out
 
 
-def _run(model, image, tile, overlap, scale, tile_batch, feather, req, dtype, device, output_device,
-         progress, check_interrupt):
+def _smaller(tile, overlap, tile_batch, align, floor, image, exc):
+    """The next try after an out-of-memory error: half the batch, else half the tile; TileOOMError at the floor."""
+    if tile_batch > 1:
+        return tile, overlap, tile_batch // 2
+    smaller = (tile // 2) // align * align
+    if smaller < floor:
+        raise TileOOMError(
+            f"Out of memory even with {tile}x{tile} tiles (floor {floor}) on a "
+            f"{image.shape[-1]}x{image.shape[-2]} image: free memory (close other models), use a "
+            f"smaller model, or run on the CPU."
+        ) from exc
+    return smaller, min(overlap, smaller // 2), tile_batch
+
+
+def _run(model, image, tile, overlap, scale, tile_batch, feather, req, dtype, device, output_device, progress):
     b, _, h, w = image.shape
     rows = plan_axis(h, tile, overlap, req.align)
     cols = plan_axis(w, tile, overlap, req.align)
@@ -354,8 +373,7 @@ def _run(model, image, tile, overlap, scale, tile_batch, feather, req, dtype, de
     done = 0
     calls = 0
     for (th, tw), batch in batches:
-        if check_interrupt is not None:
-            check_interrupt()
+        progress.check_interrupt()
         ph, pw = _padded_size(th, tw, req)
         crops = [image[n:n + 1, :, rows[i][0]:rows[i][1], cols[j][0]:cols[j][1]] for n, i, j in batch]
         x = pad_border(torch.cat(crops, 0).to(device=device, dtype=dtype), ph - th, pw - tw)
@@ -374,14 +392,8 @@ def _run(model, image, tile, overlap, scale, tile_batch, feather, req, dtype, de
             wgt = wy[i].to(output_device)[:, None] * wx[j].to(output_device)[None, :]
             out[n, :, r0 * scale:r1 * scale, c0 * scale:c1 * scale] += y[k] * wgt
         done += len(batch)
-        if progress is not None:
-            progress(done, len(jobs))
+        progress.update(done, len(jobs))
     rep = TileReport(tile=tile, overlap=overlap, tile_batch=tile_batch, grid=(len(rows), len(cols)),
                      tiles=len(jobs), model_calls=calls)
     return out, rep
 
-
-def count_tiles(height: int, width: int, tile: int, overlap: int, align: int = 1) -> int:
-    """Number of tiles per image for a plan (for progress totals)."""
-    tile = max(align, tile // align * align)
-    return len(plan_axis(height, tile, overlap, align)) * len(plan_axis(width, tile, overlap, align))

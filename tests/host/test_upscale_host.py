@@ -1,5 +1,5 @@
 """SwinIR upscale in a real ComfyUI: the example workflow runs with a tiny random SwinIR written where a
-user would put the real one (models/upscale_models, under the seed's file name, laid out like the official
+user would put the real one (models/upscale_models, under the article's file name, laid out like the official
 release: a torch.save'd {"params_ema": state_dict}), loaded by the stock UpscaleModelLoader."""
 import struct
 

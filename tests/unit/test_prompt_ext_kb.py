@@ -10,7 +10,8 @@ import pytest
 
 from atelier.prompt_ext import kb as kbmod
 from atelier.prompt_ext.cli import main as cli
-from atelier.prompt_ext.wiki import iter_jsonl, iter_wiki_dump, strip_wiki_markup
+from atelier.prompt_ext.wiki import count_jsonl, iter_jsonl, iter_wiki_dump, strip_wiki_markup
+from atelier.tests.fixtures.progress import Interrupted, RecordingProgress
 
 VOCAB = ["amber", "birch", "canal", "delta", "ember", "fjord", "grove", "harbor", "iris", "jade", "kiln", "lagoon",
          "meadow", "nectar", "orchard", "pebble", "quarry", "reef", "spruce", "tundra", "umber", "valley", "willow",
@@ -239,3 +240,21 @@ def test_jsonl_builder_and_errors(tmp_path, capsys):
     bad.write_text("{not json\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.jsonl:1: not valid JSON"):
         list(iter_jsonl(bad))
+
+
+def test_build_reports_progress_per_batch_and_an_interrupt_leaves_no_file(tmp_path):
+    docs = [(f"Title {i}", f"Some words about canal number {i}.") for i in range(10)]
+    seen = RecordingProgress()
+    assert kbmod.build_kb(docs, tmp_path / "kb.sqlite", batch=3, progress=seen, total=len(docs)) == (10, 10)
+    assert seen.updates == [(3, 10), (6, 10), (9, 10), (10, 10)] and seen.checks == 3
+    stop = RecordingProgress(stop_at=2)
+    with pytest.raises(Interrupted):
+        kbmod.build_kb(docs, tmp_path / "stopped.sqlite", batch=3, progress=stop)
+    assert stop.updates == [(3, None)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kb.sqlite"]  # no half-built file, no temp file
+
+
+def test_count_jsonl_counts_records(tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"title": "a", "text": "b"}\n\n{"title": "c", "text": "d"}\n  \n', encoding="utf-8")
+    assert count_jsonl(src) == 2

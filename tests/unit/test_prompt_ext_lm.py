@@ -1,4 +1,5 @@
-"""Language-model path end to end with tiny random GPT-2 and T5 built here, and the node around it."""
+"""Language-model path end to end with tiny random GPT-2 and T5 built here, the node's core call
+(``prompt_ext.pipeline``) and the node around it."""
 import os
 import shutil
 
@@ -6,8 +7,10 @@ import pytest
 
 from atelier.prompt_ext import extend as ext
 from atelier.prompt_ext import lm as lmmod
-from atelier.tests.fixtures.tiny_lm import make_tiny_gpt2, make_tiny_t5
+from atelier.prompt_ext import pipeline
 from atelier.prompt_ext.window import WINDOW, ClipTokenCounter
+from atelier.tests.fixtures.progress import RecordingProgress
+from atelier.tests.fixtures.tiny_lm import make_tiny_gpt2, make_tiny_t5
 
 torch = pytest.importorskip("torch")
 
@@ -19,7 +22,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two fighting for cores."""
+    """Tiny models: one intra-op thread is much faster than several fighting for a few cores."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -86,7 +89,7 @@ def test_t5_continues_and_encodes(models):
     e = t5.embed(["a city", "a river"])
     assert e.shape[0] == 2 and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)
     extender = ext.PromptExtender(ext.default_knowledge_base(), lm=t5)
-    assert "encoder (mean-pooled)" in extender.encoder.name  # seed 000: T5 embeds u and v
+    assert "encoder (mean-pooled)" in extender.encoder.name  # as in the paper, T5 embeds u and v
     res = extender.extend("a harbour with fishing boats", n_candidates=2, seed=0, max_new_tokens=5)
     for c in res.candidates:
         assert -1.0 - 1e-5 <= c.cosine <= 1.0 + 1e-5
@@ -119,21 +122,34 @@ def test_lm_failure_while_generating_falls_back_to_retrieval():
 # ---------------------------------------------------------------------------------------------- node
 
 
-@pytest.fixture
-def node(pack, models, monkeypatch):
-    from atelier.nodes import prompt_ext as mod
+class Folders:
+    """host.folders' three lookups over the test's model folders (and no knowledge bases)."""
 
-    def dirs(kind):
-        if kind != "lm":
-            return {}
-        found = {os.path.basename(p): p for p in (models["gpt2"], models["t5"])}
+    def __init__(self, models):
+        self.found = {os.path.basename(p): p for p in (models["gpt2"], models["t5"])}
         broken = os.path.join(models["root"], "broken-lm")
         os.makedirs(broken, exist_ok=True)
         shutil.copy(os.path.join(models["gpt2"], "config.json"), os.path.join(broken, "config.json"))
-        found["broken-lm"] = broken
-        return found
+        self.found["broken-lm"] = broken
 
-    monkeypatch.setattr(mod, "_model_dirs", dirs)
+    def subfolders(self, folder, has_file=None):
+        assert folder == "prompt_expansion" and has_file == "config.json"
+        return dict(self.found)
+
+    def files(self, folder):
+        return []
+
+    def full_path(self, folder, name):
+        return None
+
+
+@pytest.fixture
+def node(pack, models, monkeypatch):
+    from atelier.host import folders
+    from atelier.nodes import prompt_ext as mod
+
+    fake = Folders(models)
+    monkeypatch.setattr(folders, "subfolders", fake.subfolders)
     return mod
 
 
@@ -178,6 +194,8 @@ def test_node_errors(node):
 
 def test_node_schema(node):
     spec = node.AtelierPromptExtender.INPUT_TYPES()
+    assert spec["required"]["language_model"][0] == ["none", "broken-lm", "tiny-gpt2", "tiny-t5"]
+    assert spec["required"]["entity_recognizer"][0] == ["regex + gazetteer"]
     for section in spec.values():
         for name, (kind, opts) in section.items():
             assert opts.get("tooltip"), name
@@ -210,3 +228,32 @@ def test_local_ner_model_adds_its_entities(tmp_path):
     spans = counter.spans("canal boats at dawn")
     assert all(kind in ("place", "time") for _, _, kind, _ in spans)
     assert counter.count("canal boats at dawn") > EntityCounter().count("canal boats at dawn") == 1
+
+
+# ---------------------------------------------------------------------------------- the node's core call
+
+
+def test_core_call_reports_progress_and_falls_back_with_warnings(models):
+    seen = RecordingProgress()
+    best, prompts, report = pipeline.extend_prompt(
+        "a wheat field", language_model_name="no-such-lm", entity_recognizer="no-such-ner", candidates=2,
+        folders=Folders(models), progress=seen)
+    assert seen.updates == [(1, 3), (2, 3), (3, 3)]
+    assert report.startswith("WARNING: language model 'no-such-lm' not found in models/prompt_expansion; "
+                             "retrieval only\nWARNING: NER model 'no-such-ner' not found;")
+    assert len(prompts) == 2 and best == prompts[0] and best.startswith("a wheat field, ")
+    assert pipeline.model_dirs(Folders(models), "lm").keys() == {"tiny-gpt2", "tiny-t5", "broken-lm"}
+    assert pipeline.model_dirs(Folders(models), "ner") == {}
+
+
+def test_core_call_loads_a_language_model_once(models):
+    folders = Folders(models)
+    first = pipeline.language_model("tiny-gpt2", folders, "cpu", [])
+    assert first is not None and pipeline.language_model("tiny-gpt2", folders, "cpu", []) is first
+
+
+def test_core_call_switched_off_and_missing_knowledge_base(models):
+    assert pipeline.extend_prompt(" a  boat ", enabled=False, artist=" by Monet ", folders=Folders(models))[:2] \
+        == ("a boat, by Monet", ["a boat, by Monet"])
+    with pytest.raises(ValueError, match="Atelier Prompt Extender: knowledge base 'mine.sqlite' was not found"):
+        pipeline.extend_prompt("a boat", knowledge_base_name="mine.sqlite", folders=Folders(models))

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from atelier.training import data as D
+from atelier.tests.fixtures.progress import RecordingProgress
 from atelier.tests.fixtures.training_toys import torch_threads
 
 
@@ -106,6 +107,25 @@ def test_latent_cache_keys_and_reuse(tmp_path):
     assert all(n.endswith(".safetensors") for n in os.listdir(cache))
     img = D.load_image(samples[0].path, (64, 64))
     torch.testing.assert_close(first[0], encode(img[None])[0])
+
+
+def test_latent_cache_progress_and_interrupt_keep_what_was_cached(tmp_path):
+    for i in range(3):
+        _img(str(tmp_path / "d" / f"a_b{i}-1900.png"), 64, 64, seed=i)
+    samples = D.scan_folder(str(tmp_path / "d"), 64).samples
+    D.assign_buckets(samples, 64)
+
+    def encode(images):
+        return images[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4]
+
+    cache = str(tmp_path / "cache")
+    stop = RecordingProgress(stop_at=3, error=KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        D.cache_latents(samples, encode, cache, "vae", stop)
+    assert stop.updates == [(1, 3), (2, 3)] and len(os.listdir(cache)) == 2  # whole files only
+    seen = RecordingProgress()
+    D.cache_latents(samples, encode, cache, "vae", seen)
+    assert seen.updates == [(1, 3), (2, 3), (3, 3)] and len(os.listdir(cache)) == 3
 
 
 def test_batch_sampler_shards_like_a_doubled_batch():

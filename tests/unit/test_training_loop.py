@@ -5,8 +5,10 @@ import signal
 import pytest
 import torch
 
+
 from atelier.training.loop import (CheckpointError, NoiseSchedule, TrainConfig, enable_gradient_checkpointing,
                            latest_checkpoint, scaled_linear_alphas_cumprod)
+from atelier.tests.fixtures.progress import Interrupted, RecordingProgress
 from atelier.tests.fixtures.training_toys import CAPTIONS, ddp_worker, make_toy_trainer as make_trainer, torch_threads
 
 
@@ -31,7 +33,7 @@ def fixed_eval_loss(tr):
 def test_loss_decreases_on_fixed_toy_batch(tmp_path):
     tr = make_trainer(tmp_path, steps=40, batch=4)
     before = fixed_eval_loss(tr)
-    res = tr.train(progress=False)
+    res = tr.train()
     after = fixed_eval_loss(tr)
     assert res.step == 40 and not res.interrupted
     assert after < 0.8 * before, (before, after)
@@ -55,11 +57,11 @@ def test_text_encoder_stage_freezes_unet(tmp_path):
     tr = make_trainer(tmp_path, steps=2, te_steps=2)
     unet_before = {k: p.detach().clone() for k, p in tr.params["unet"].items()}
     te_before = {k: p.detach().clone() for k, p in tr.params["te"].items()}
-    tr.train(progress=False)
+    tr.train()
     assert all(torch.equal(unet_before[k], p) for k, p in tr.params["unet"].items())
     assert any(not torch.equal(te_before[k], p) for k, p in tr.params["te"].items())
     tr.cfg.steps = 3  # joint stage moves the UNet too
-    tr.train(progress=False)
+    tr.train()
     assert any(not torch.equal(unet_before[k], p) for k, p in tr.params["unet"].items())
 
 
@@ -71,13 +73,13 @@ def _state(tr):
 @pytest.mark.parametrize("kw", [dict(te_steps=2, ema=0.9), dict(lora=False, batch=2)])
 def test_resume_is_bit_for_bit(tmp_path, kw):
     straight = make_trainer(tmp_path / "a", steps=6, **kw)
-    straight.train(progress=False)
+    straight.train()
     first = make_trainer(tmp_path / "b", steps=3, **kw)
-    first.train(progress=False)
+    first.train()
     second = make_trainer(tmp_path / "b", steps=6, **kw)
     info = second.load_checkpoint(latest_checkpoint(str(tmp_path / "b")))
     assert info["step"] == 3 and second.step == 3
-    second.train(progress=False)
+    second.train()
     a, b = _state(straight), _state(second)
     assert a.keys() == b.keys()
     for k in a:
@@ -90,24 +92,36 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
             signal.raise_signal(signal.SIGINT)
 
     tr = make_trainer(tmp_path / "b", steps=5, on_step=interrupt)
-    res = tr.train(progress=False)
+    res = tr.train()
     assert res.interrupted and res.step == 2
     assert os.path.basename(res.checkpoint) == "step-000002"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # our handler is gone again
     resumed = make_trainer(tmp_path / "b", steps=5)
     resumed.load_checkpoint(latest_checkpoint(str(tmp_path / "b")))
-    resumed.train(progress=False)
+    resumed.train()
     straight = make_trainer(tmp_path / "a", steps=5)
-    straight.train(progress=False)
+    straight.train()
     a, b = _state(straight), _state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progress_counts_steps_and_a_host_interrupt_saves_before_it_propagates(tmp_path):
+    tr = make_trainer(tmp_path / "a", steps=3)
+    seen = RecordingProgress()
+    tr.train(seen)
+    assert seen.updates == [(0, 3), (1, 3), (2, 3), (3, 3)] and seen.checks == 3
+    tr = make_trainer(tmp_path / "b", steps=5)
+    with pytest.raises(Interrupted):
+        tr.train(RecordingProgress(stop_at=3))
+    assert tr.step == 2 and os.path.basename(latest_checkpoint(str(tmp_path / "b"))) == "step-000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_disk_full_during_checkpoint_write_leaves_no_half_file(tmp_path, monkeypatch):
     import safetensors.torch
 
     tr = make_trainer(tmp_path, steps=4, every=2)
-    tr.train(progress=False)
+    tr.train()
     good = latest_checkpoint(str(tmp_path))
     real = safetensors.torch.save_file
 
@@ -119,7 +133,7 @@ def test_disk_full_during_checkpoint_write_leaves_no_half_file(tmp_path, monkeyp
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     tr.cfg.steps = 5
     with pytest.raises(CheckpointError, match="No space left.*Nothing half-written"):
-        tr.train(progress=False)
+        tr.train()
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     names = sorted(os.listdir(tmp_path / "checkpoints"))
     assert names == ["step-000002", "step-000004"]  # no step-000005, no temp folder
@@ -131,7 +145,7 @@ def test_disk_full_during_checkpoint_write_leaves_no_half_file(tmp_path, monkeyp
 
 def test_resume_refuses_other_parameters(tmp_path):
     tr = make_trainer(tmp_path, steps=1)
-    tr.train(progress=False)
+    tr.train()
     other = make_trainer(tmp_path, steps=1, lora=False)
     with pytest.raises(CheckpointError, match="different trainable parameters"):
         other.load_checkpoint(latest_checkpoint(str(tmp_path)))
@@ -157,7 +171,7 @@ def test_gradient_checkpointing_gives_same_gradients(tmp_path):
 @pytest.mark.parametrize("mp", ["bf16", "fp16"])
 def test_mixed_precision_runs_and_resumes(tmp_path, mp):
     tr = make_trainer(tmp_path, steps=3, mp=mp, batch=2)
-    res = tr.train(progress=False)
+    res = tr.train()
     assert all(torch.isfinite(torch.tensor(res.losses)))
     if mp == "fp16":
         assert tr.scaler.is_enabled()
@@ -186,7 +200,7 @@ def test_distributed_two_processes_equal_one_process_doubled_batch(tmp_path):
                        nprocs=2, join=True, start_method="spawn")
     ddp = load_file(result)
     single = make_trainer(tmp_path / "single", steps=3, batch=2)
-    single.train(progress=False)
+    single.train()
     moved = 0
     for k, p in single.flat_params().items():
         # float summation order differs (all-reduce vs one batch); AdamW steps are lr-sized (1e-2), so 1e-4

@@ -1,16 +1,18 @@
-"""AtelierSwinIRUpscale without ComfyUI: the few ``comfy`` functions it calls are stubbed, so the
-conversions (layout, alpha, greyscale, output scale, model device/dtype restore) are checked here; the
-host test runs it inside a real ComfyUI."""
+"""The SwinIR Upscale job (``upscale.pipeline.upscale_image``) on plain torch: layout, alpha, greyscale,
+output scale, model device/dtype restore, out-of-memory backoff; then the node over it with the few ``comfy``
+functions the host seam calls stubbed (the host test runs it inside a real ComfyUI)."""
 import sys
 import types
 
 import pytest
 import torch
 
-from atelier.tests.fixtures.tiny_swinir import tiny_swinir
 from atelier.upscale.channels import luma
+from atelier.upscale.pipeline import Resources, UpscaleOptions, upscale_image
 from atelier.upscale.resize import resize
 from atelier.upscale.tiled import upscale_tiled
+from atelier.tests.fixtures.progress import RecordingProgress
+from atelier.tests.fixtures.tiny_swinir import tiny_swinir
 
 
 class Bar:
@@ -56,11 +58,13 @@ def node(pack):
     return AtelierSwinIRUpscale()
 
 
-def run(node, model, img, **kw):
-    args = dict(tile_size=32, overlap=16, tile_batch=2, output_scale=0.0, resize_method="lanczos")
-    args.update(kw)
-    out = node.upscale(model, img, **args)
-    return out["result"][0], out["result"][1], out["ui"]["text"][0]
+OPTIONS = dict(tile_size=32, overlap=16, tile_batch=2, output_scale=0.0, resize_method="lanczos")
+
+
+def run(model, img, resources=None, progress=None, **kw):
+    """(image, report) of the core call with the tests' small tiles."""
+    options = UpscaleOptions(**dict(OPTIONS, **kw))
+    return upscale_image(model, img, options, resources, progress or RecordingProgress())
 
 
 def bhwc(*shape, seed=0):
@@ -77,43 +81,57 @@ def test_schema_and_mapping(pack):
     assert N.RETURN_TYPES == ("IMAGE", "STRING") and len(N.OUTPUT_TOOLTIPS) == 2
 
 
-def test_rgb_native_scale_matches_core(comfy, node, model):
+def test_rgb_native_scale_matches_core(model):
     img = bhwc(2, 40, 56, 3)
-    out, report, text = run(node, model, img)
+    before = img.clone()
+    freed, progress = [], RecordingProgress()
+    resources = Resources(free_memory=lambda nbytes, device: freed.append((nbytes, device)))
+    out, report = run(model, img, resources, progress)
     ref = upscale_tiled(model, img.movedim(-1, 1), tile=32, overlap=16, tile_batch=2).clamp(0, 1)
     assert out.shape == (2, 80, 112, 3)
     torch.testing.assert_close(out, ref.movedim(1, -1), atol=0, rtol=0)
-    assert text == report and report.startswith("SwinIR x2 -> 112x80") and "WARNING" not in report
+    assert report.startswith("SwinIR x2 -> 112x80") and "WARNING" not in report
+    weights = sum(t.nbytes for t in model.model.state_dict().values())
+    assert len(freed) == 1 and freed[0][0] > weights and freed[0][1] == "cpu"
+    assert progress.updates[-1] == (2 * 2 * 3, 2 * 2 * 3)
+    assert torch.equal(img, before) and img.shape == (2, 40, 56, 3)  # input untouched
+
+
+def test_node_runs_the_core_through_the_host(comfy, node, model):
+    img = bhwc(2, 40, 56, 3)
+    out = node.upscale(model, img, **OPTIONS)
+    result, text = out["result"]
+    core, report = run(model, img)
+    torch.testing.assert_close(result, core, atol=0, rtol=0)
+    assert text == report == out["ui"]["text"][0]
     assert comfy.freed and comfy.freed[0] > comfy.module_size(model.model)
-    bar = Bar.instances[-1]
-    assert bar.values[-1][0] == bar.total == 2 * 2 * 3
-    assert not img.requires_grad and img.shape == (2, 40, 56, 3)  # input untouched
+    assert Bar.instances[-1].values[-1] == (2 * 2 * 3, 2 * 2 * 3)
 
 
-def test_model_device_and_dtype_restored(comfy, node, model):
+def test_model_device_and_dtype_restored(model):
     model.model.to(torch.float64)
     try:
-        run(node, model, bhwc(1, 20, 20, 3))
+        run(model, bhwc(1, 20, 20, 3))
         assert next(model.model.parameters()).dtype == torch.float64
     finally:
         model.model.to(torch.float32)
 
 
-def test_output_scale_resizes_after_model(comfy, node, model):
+def test_output_scale_resizes_after_model(model):
     img = bhwc(1, 24, 40, 3, seed=1)
-    native, _, _ = run(node, model, img)
-    half, _, _ = run(node, model, img, output_scale=1.0, resize_method="area")
+    native, _ = run(model, img)
+    half, _ = run(model, img, output_scale=1.0, resize_method="area")
     assert half.shape == (1, 24, 40, 3)
     expected = resize(native.movedim(-1, 1), 24, 40, "area").clamp(0, 1).movedim(1, -1)
     torch.testing.assert_close(half, expected)
-    odd, _, _ = run(node, model, img, output_scale=1.5, resize_method="bicubic")
+    odd, _ = run(model, img, output_scale=1.5, resize_method="bicubic")
     assert odd.shape == (1, 36, 60, 3)
 
 
-def test_rgba_alpha_is_resized_separately(comfy, node, model):
+def test_rgba_alpha_is_resized_separately(model):
     img = bhwc(1, 24, 32, 4, seed=2)
-    out, report, _ = run(node, model, img, resize_method="bicubic")
-    rgb, _, _ = run(node, model, img[..., :3].contiguous(), resize_method="bicubic")
+    out, report = run(model, img, resize_method="bicubic")
+    rgb, _ = run(model, img[..., :3].contiguous(), resize_method="bicubic")
     assert out.shape == (1, 48, 64, 4)
     torch.testing.assert_close(out[..., :3], rgb)
     alpha = resize(img[..., 3:].movedim(-1, 1), 48, 64, "bicubic").clamp(0, 1).movedim(1, -1)
@@ -121,16 +139,16 @@ def test_rgba_alpha_is_resized_separately(comfy, node, model):
     assert "alpha resized separately" in report
 
 
-def test_greyscale_stays_greyscale(comfy, node, model):
+def test_greyscale_stays_greyscale(model):
     grey = bhwc(1, 24, 24, 1, seed=3)
-    out, report, _ = run(node, model, grey)
+    out, report = run(model, grey)
     assert out.shape == (1, 48, 48, 1)
-    rgb, _, _ = run(node, model, grey.expand(-1, -1, -1, 3).contiguous())
+    rgb, _ = run(model, grey.expand(-1, -1, -1, 3).contiguous())
     torch.testing.assert_close(out, luma(rgb.movedim(-1, 1)).movedim(1, -1))
     assert "greyscale" in report
 
 
-def test_non_swinir_model_runs_with_a_warning(comfy, node, caplog):
+def test_non_swinir_model_runs_with_a_warning(caplog):
     from spandrel import ModelLoader
     from spandrel.architectures.Compact import Compact
 
@@ -138,14 +156,14 @@ def test_non_swinir_model_runs_with_a_warning(comfy, node, caplog):
     compact = ModelLoader().load_from_state_dict(
         Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2).state_dict()).eval()
     with caplog.at_level("WARNING"):
-        out, report, _ = run(node, compact, bhwc(1, 20, 20, 3))
+        out, report = run(compact, bhwc(1, 20, 20, 3))
     assert out.shape == (1, 40, 40, 3)
     assert "WARNING: Model is RealESRGAN Compact, not SwinIR" in report
     assert any("not SwinIR" in r.getMessage() for r in caplog.records)
 
 
-def test_tile_rounded_to_window_and_reported(comfy, node, model):
-    _, report, _ = run(node, model, bhwc(1, 40, 40, 3), tile_size=30, overlap=8)
+def test_tile_rounded_to_window_and_reported(model):
+    _, report = run(model, bhwc(1, 40, 40, 3), tile_size=30, overlap=8)
     assert "tile 30 -> 24" in report
 
 
@@ -165,7 +183,17 @@ def test_oom_from_comfy_exception_type_halves_the_tile(comfy, node):
         return real(net, x)
 
     m._call_fn = limited
-    out, report, _ = run(node, m, bhwc(1, 72, 128, 3), tile_size=128, overlap=16, tile_batch=1)
+    out, report, _ = node_run(node, m, bhwc(1, 72, 128, 3), tile_size=128, overlap=16, tile_batch=1)
     assert out.shape == (1, 144, 256, 3)
     assert "of 64px" in report and "1 out-of-memory retries" in report and emptied == [1]
     assert next(m.model.parameters()).device.type == "cpu"
+
+
+def node_run(node, model, img, **kw):
+    out = node.upscale(model, img, **dict(OPTIONS, **kw))
+    return out["result"][0], out["result"][1], out["ui"]["text"][0]
+
+
+def test_not_an_image_model_is_refused(model):
+    with pytest.raises(ValueError, match="single-image model from 'Load Upscale Model'"):
+        run(model.model, bhwc(1, 16, 16, 3))

@@ -1,16 +1,17 @@
 """Tiled inference core (``upscale/tiled.py``) against untiled runs of a tiny real SwinIR descriptor.
 
-The model (``upscale/tiny.py``) is spandrel's SwinIR class with a tiny config and sharpened random
+The model (``tests/fixtures/tiny_swinir.py``) is spandrel's SwinIR class with a tiny config and sharpened random
 weights, loaded back through ``ModelLoader`` so it is a real descriptor whose tile-edge influence reaches
 ~26 px (default init would fade within ~12 px and make tiled == untiled nearly trivially true).
 """
 import pytest
 import torch
 
-from atelier.tests.fixtures.tiny_swinir import tiny_swinir
 from atelier.upscale.tiled import (
     TileOOMError, TileReport, blend_weights, plan_axis, receptive_radius, requirements_of, upscale_tiled,
 )
+from atelier.tests.fixtures.progress import Interrupted, RecordingProgress
+from atelier.tests.fixtures.tiny_swinir import tiny_swinir
 
 
 def psnr(a, b, peak=1.0):
@@ -212,25 +213,15 @@ def test_overlap_not_smaller_than_tile_is_an_error(model):
 
 def test_progress_and_interrupt(model):
     x = image(2, 3, 48, 48, seed=11)
-    seen = []
-    upscale_tiled(model, x, tile=32, overlap=16, tile_batch=3, progress=lambda d, t: seen.append((d, t)))
-    total = seen[-1][1]
-    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == total == 2 * 4
-
-    class Stop(Exception):
-        pass
-
-    calls = []
-
-    def interrupt():
-        if len(calls) == 2:
-            raise Stop()
-        calls.append(1)
-
-    with pytest.raises(Stop):
+    seen = RecordingProgress()
+    upscale_tiled(model, x, tile=32, overlap=16, tile_batch=3, progress=seen)
+    total = seen.updates[-1][1]
+    assert [d for d, _ in seen.updates] == sorted(d for d, _ in seen.updates) and seen.updates[-1][0] == total == 2 * 4
+    stop = RecordingProgress(stop_at=3)
+    with pytest.raises(Interrupted):
         upscale_tiled(lambda t: model(t), x, tile=32, overlap=16, scale=2, requirements=requirements_of(model),
-                      check_interrupt=interrupt)
-    assert len(calls) == 2
+                      progress=stop)
+    assert stop.checks == 3 and len(stop.updates) == 2  # stopped before the third model call
 
 
 def test_plain_callable_pointwise_model_is_exact_everywhere():

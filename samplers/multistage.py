@@ -140,7 +140,8 @@ def check_stage_steps(counts: Sequence, total: int, scale: bool = False) -> list
     if lost:
         raise MultistageError(
             f"scaling {listed} to {total} steps leaves stage(s) {lost} with no step "
-            f"({sum(1 for c in ints if c > 0)} non-empty stages, {total} steps); give them more steps or raise the total"
+            f"({sum(1 for c in ints if c > 0)} non-empty stages, {total} steps); give them more steps or raise "
+            "the total"
         )
     return out
 
@@ -197,13 +198,24 @@ def plan_stages(sigmas: Sequence[float], counts: Sequence[int],
     if not 0.0 < log_position < 1.0:
         raise MultistageError(f"log_position must be strictly between 0 and 1, got {log_position}")
 
-    step_stage = []
-    for k, c in enumerate(counts):
-        step_stage.extend([k] * c)
+    step_stage = [k for k, c in enumerate(counts) for _ in range(c)]
+    thresholds = _thresholds(s, step_stage, percent_to_sigma, log_position)
+    stages = _stage_ranges(counts, thresholds, n, percent_to_sigma)
+    plan = MultistagePlan(tuple(s), tuple(stages), tuple(step_stage))
+    bad = verify_plan(plan, percent_to_sigma)
+    if bad:
+        step, seen = bad[0]
+        raise MultistageError(
+            f"internal check failed: step {step + 1} (sigma {s[step]:.6g}) would see stages {seen} "
+            f"instead of stage {step_stage[step] + 1}; please report this schedule"
+        )
+    return plan
 
-    # one threshold per internal boundary step b (stage changes between step b-1 and step b)
+
+def _thresholds(s: list, step_stage: list, percent_to_sigma, log_position: float) -> dict:
+    """{boundary step b: (percent, its σ)} for every step b where the stage changes (between steps b-1 and b)."""
     thresholds = {}
-    for b in range(1, n):
+    for b in range(1, len(s) - 1):
         if step_stage[b] == step_stage[b - 1]:
             continue
         high, low = s[b - 1], s[b]
@@ -222,7 +234,11 @@ def plan_stages(sigmas: Sequence[float], counts: Sequence[int],
                 f"outside what this model's sampling can map (non-discrete or mismatched model sampling)"
             )
         thresholds[b] = (p, float(percent_to_sigma(p)))
+    return thresholds
 
+
+def _stage_ranges(counts: list, thresholds: dict, n: int, percent_to_sigma) -> list:
+    """One StagePlan per stage: the first starts at percent 0, the last ends at 1, the others at thresholds."""
     stages = []
     first = 0
     for k, c in enumerate(counts):
@@ -240,16 +256,7 @@ def plan_stages(sigmas: Sequence[float], counts: Sequence[int],
             ep, es = thresholds[stop]
         stages.append(StagePlan(k, c, first, stop, sp, ep, ss, es))
         first = stop
-
-    plan = MultistagePlan(tuple(s), tuple(stages), tuple(step_stage))
-    bad = verify_plan(plan, percent_to_sigma)
-    if bad:
-        step, seen = bad[0]
-        raise MultistageError(
-            f"internal check failed: step {step + 1} (sigma {s[step]:.6g}) would see stages {seen} "
-            f"instead of stage {step_stage[step] + 1}; please report this schedule"
-        )
-    return plan
+    return stages
 
 
 def _gates(plan: MultistagePlan, percent_to_sigma: Callable[[float], float]) -> list:

@@ -58,7 +58,7 @@ def _write_comfy_models(server, models):
 
 
 def _write_swinir(models):
-    from tests.fixtures.tiny_swinir import DEFAULT_FILE, write_tiny_swinir  # also used by prepare_upscale
+    from atelier.tests.fixtures.tiny_swinir import DEFAULT_FILE, write_tiny_swinir  # also used by prepare_upscale
 
     folder = models / "upscale_models"
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def _write_swinir(models):
 def _write_clip_and_db(models):
     from atelier.retrieval.build import build_db
     from atelier.retrieval.embedder import OpenClipEmbedder
-    from tests.fixtures.tiny_clip import TINY_NAME, make_tiny_open_clip, make_wikiart_folder
+    from atelier.tests.fixtures.tiny_clip import TINY_NAME, make_tiny_open_clip, make_wikiart_folder
 
     clip_dir = models / "open_clip"
     weights = clip_dir / CLIP_FILE

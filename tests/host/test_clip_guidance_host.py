@@ -53,7 +53,7 @@ def pixels(result):
 
 @pytest.fixture(scope="module")
 def arch(comfy_server):
-    from tests.fixtures.tiny_clip import TINY_NAME
+    from atelier.tests.fixtures.tiny_clip import TINY_NAME
 
     assert (comfy_server.base_dir / "models" / "open_clip" / CLIP_FILE).is_file(), "prepare_clip_guidance.py did not run"
     return TINY_NAME

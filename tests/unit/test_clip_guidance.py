@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from atelier.samplers import clip_guidance as cg
-from tests.fixtures.clip_guidance_toys import TinyClip, ToyDecoder, gaussian_denoiser, karras_sigmas, sample_euler
+from atelier.tests.fixtures.clip_guidance_toys import (
+    TinyClip, ToyDecoder, gaussian_denoiser, karras_sigmas, sample_euler,
+)
 
 
 # ---------------------------------------------------------------------------------------- fixtures

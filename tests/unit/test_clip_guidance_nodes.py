@@ -8,7 +8,7 @@ import torch
 
 from atelier.common.progress import Progress
 from atelier.samplers import clip_guidance as cg
-from tests.fixtures.clip_guidance_toys import TinyClip, ToyDecoder
+from atelier.tests.fixtures.clip_guidance_toys import TinyClip, ToyDecoder
 
 
 @pytest.fixture(scope="module")

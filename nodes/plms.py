@@ -30,7 +30,8 @@ def register_sampler_name():
 
 class AtelierPLMSSampler:
     DESCRIPTION = (
-        "PLMS with DDIM transfer (CompVis Stable Diffusion's PLMS): a pseudo improved Euler first step, then "
+        "PLMS with DDIM transfer (CompVis Stable Diffusion's PLMS, the sampler of \"Creative Painting with Latent "
+        "Diffusion Models\"): a pseudo improved Euler first step, then "
         "Adams-Bashforth 2/3/4 on the predicted noise. N steps cost N + 1 model calls. Use with SamplerCustom "
         "or SamplerCustomAdvanced and the ddim_uniform scheduler for the CompVis schedule."
     )

@@ -1,9 +1,10 @@
-"""Cost of CLIP guidance per step vs plain sampling (DESIGN.md section 6, issue 7).
+"""Cost of CLIP guidance per step vs plain sampling (see docs/clip_guidance.md, "Cost").
 
-Run with ComfyUI's Python (it builds the SD1.5 UNet, the SD VAE and TAESD from ComfyUI's classes, with
-random weights) and open_clip installed:
+Run from the pack root with ComfyUI's Python (it builds the SD1.5 UNet, the SD VAE and TAESD from ComfyUI's
+classes, with random weights) and open_clip installed; ComfyUI is found via --comfyui, COMFYUI_PATH, or the
+ComfyUI the pack is installed in:
 
-    PYTHONPATH=/work/comfyui /work/comfyui/.venv/bin/python bench/bench_clip_guidance.py --size 256
+    COMFYUI_PATH=/path/to/ComfyUI  /path/to/ComfyUI/.venv/bin/python -m bench.bench_clip_guidance --size 256
 
 It prints, per configuration, the time and peak memory of: a plain step (UNet, cfg batch 2), the decoder
 forward+backward, CLIP forward+backward on the cutouts, and a guided step (plain step + guidance), then
@@ -13,16 +14,12 @@ where allocator peaks cannot be observed, the bytes autograd saves for backward 
 """
 import argparse
 import contextlib
-import os
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from atelier.samplers import clip_guidance as cg  # noqa: E402
+from atelier.host.locate import attach
+from atelier.samplers import clip_guidance as cg
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -103,19 +100,6 @@ def random_init(module):
     return module
 
 
-def comfy_setup(device):
-    """Let ComfyUI's model management pick the bench's device (it parses --cpu like main.py does)."""
-    argv = sys.argv
-    sys.argv = [argv[0]] + (["--cpu"] if device.type == "cpu" else [])
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401  (reads the arguments once)
-    finally:
-        sys.argv = argv
-
-
 def build_unet(dtype, device):
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -156,7 +140,7 @@ def build_clip(arch, dtype, device):
 
 
 # ---------------------------------------------------------------------------------------------- bench
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--size", type=int, nargs="+", default=[256], help="image side(s) in pixels")
@@ -170,96 +154,122 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--checkpoint-decoder", action="store_true", help="recompute the decoder (less memory)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--comfyui", default=None,
+                    help="ComfyUI checkout (default: COMFYUI_PATH, or the ComfyUI the pack is installed in)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    wanted = set()
+    args.wanted = set()
     for triple in filter(None, args.configs.split(",")):
         d, a, c = triple.split(":")
-        wanted.add((d, a, int(c)))
-    if wanted:
-        args.decoder = sorted({d for d, _, _ in wanted}, reverse=True)
-        args.clip = sorted({a for _, a, _ in wanted})
-        args.cutn = sorted({c for _, _, c in wanted})
-    device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}),"
-          f" dtype {dtype}, random weights, cut_batches 1, repeats {args.repeats}", flush=True)
+        args.wanted.add((d, a, int(c)))
+    if args.wanted:
+        args.decoder = sorted({d for d, _, _ in args.wanted}, reverse=True)
+        args.clip = sorted({a for _, a, _ in args.wanted})
+        args.cutn = sorted({c for _, _, c in args.wanted})
+    return args
 
-    comfy_setup(device)
-    unet = build_unet(dtype, device)
-    decoders = {}
-    if "taesd" in args.decoder:
-        taesd = build_taesd(device)
-        decoders["taesd"] = lambda z: taesd.decode(z.float())
-    if "vae" in args.decoder:
-        vae = build_vae(dtype, device)
-        decoders["vae"] = lambda z: vae.decode((z / 0.18215).to(dtype)).float()
-    context = torch.randn(2, 77, 768, device=device, dtype=dtype)
-    rows = []
-    for size in args.size:
-        lat = size // 8
-        x = torch.randn(1, 4, lat, lat, device=device)
-        sigma = torch.tensor([5.0], device=device)
 
-        def plain():
-            with torch.no_grad():
-                xin = torch.cat([x, x]).to(dtype) / (1 + 25) ** 0.5
-                eps = unet(xin, torch.tensor([600.0, 600.0], device=device), context=context)
-                cond, uncond = (x - eps.float() * 5).chunk(2)
-                return uncond + (cond - uncond) * 7.0
+class Bench:
+    """The models shared by every figure and the timed pieces: plain step, decoder, CLIP, guided step."""
 
-        t_plain, m_plain = timed(plain, device, args.repeats, args.warmup)
-        print(f"\n{size}x{size}: plain step (UNet, cfg batch 2): {t_plain * 1e3:9.1f} ms  mem {m_plain / 2**20:7.0f} MiB",
-              flush=True)
-        for dname, decode in decoders.items():
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.unet = build_unet(self.dtype, self.device)
+        self.decoders = {}
+        if "taesd" in args.decoder:
+            taesd = build_taesd(self.device)
+            self.decoders["taesd"] = lambda z: taesd.decode(z.float())
+        if "vae" in args.decoder:
+            vae = build_vae(self.dtype, self.device)
+            self.decoders["vae"] = lambda z: vae.decode((z / 0.18215).to(self.dtype)).float()
+        self.context = torch.randn(2, 77, 768, device=self.device, dtype=self.dtype)
+        self.rows = []
+
+    def timed(self, fn):
+        return timed(fn, self.device, self.args.repeats, self.args.warmup)
+
+    def plain(self, x):
+        with torch.no_grad():
+            xin = torch.cat([x, x]).to(self.dtype) / (1 + 25) ** 0.5
+            eps = self.unet(xin, torch.tensor([600.0, 600.0], device=self.device), context=self.context)
+            cond, uncond = (x - eps.float() * 5).chunk(2)
+            return uncond + (cond - uncond) * 7.0
+
+    def size(self, size):
+        """Every decoder x CLIP x cutn figure at one image size."""
+        x = torch.randn(1, 4, size // 8, size // 8, device=self.device)
+        t_plain, m_plain = self.timed(lambda: self.plain(x))
+        print(f"\n{size}x{size}: plain step (UNet, cfg batch 2): {t_plain * 1e3:9.1f} ms  "
+              f"mem {m_plain / 2**20:7.0f} MiB", flush=True)
+        for dname, decode in self.decoders.items():
             def dec_fb():
                 z = x.clone().requires_grad_(True)
                 with torch.enable_grad():
-                    px = decode(z)
-                    torch.autograd.grad(px.float().square().mean(), [z])
+                    torch.autograd.grad(decode(z).float().square().mean(), [z])
 
-            t_dec, m_dec = timed(dec_fb, device, args.repeats, args.warmup)
-            print(f"  {dname:5s} decode fwd+bwd:           {t_dec * 1e3:9.1f} ms  mem {m_dec / 2**20:7.0f} MiB", flush=True)
-            for arch in args.clip:
-                cutns = [c for c in args.cutn if not wanted or (dname, arch, c) in wanted]
-                if not cutns:
-                    continue
-                model, csize = build_clip(arch, dtype, device)
-                targets = cg.build_targets(torch.nn.functional.normalize(torch.randn(1, model.text_projection.shape[1]), dim=-1)
-                                           .to(device), [1.0])
+            t_dec, m_dec = self.timed(dec_fb)
+            print(f"  {dname:5s} decode fwd+bwd:           {t_dec * 1e3:9.1f} ms  mem {m_dec / 2**20:7.0f} MiB",
+                  flush=True)
+            for arch in self.args.clip:
+                cutns = [c for c in self.args.cutn if not self.args.wanted or (dname, arch, c) in self.args.wanted]
+                if cutns:
+                    self.clip(size, x, dname, decode, arch, cutns, t_plain, t_dec)
 
-                def embed(p):
-                    return model.encode_image(torch.nn.functional.interpolate(p, size=(csize, csize)).to(dtype))
+    def clip(self, size, x, dname, decode, arch, cutns, t_plain, t_dec):
+        """CLIP fwd+bwd and the guided step for one CLIP architecture (the model is freed on return)."""
+        model, csize = build_clip(arch, self.dtype, self.device)
+        target = torch.nn.functional.normalize(torch.randn(1, model.text_projection.shape[1]), dim=-1)
+        targets = cg.build_targets(target.to(self.device), [1.0])
 
-                for cutn in cutns:
-                    cuts = torch.rand(cutn, 3, csize, csize, device=device)
+        def embed(p):
+            return model.encode_image(torch.nn.functional.interpolate(p, size=(csize, csize)).to(self.dtype))
 
-                    def clip_fb():
-                        c = cuts.clone().requires_grad_(True)
-                        with torch.enable_grad():
-                            torch.autograd.grad(embed(c).float().sum(), [c])
+        sigma = torch.tensor([5.0], device=self.device)
+        for cutn in cutns:
+            cuts = torch.rand(cutn, 3, csize, csize, device=self.device)
 
-                    t_clip, m_clip = timed(clip_fb, device, args.repeats, args.warmup)
-                    opts = cg.GuidanceOptions(cutn=cutn, cut_batches=1, decoder_checkpoint=args.checkpoint_decoder)
-                    guidance = cg.CLIPGuidance(embed, csize, targets, decode, opts, seed=0)
+            def clip_fb():
+                c = cuts.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    torch.autograd.grad(embed(c).float().sum(), [c])
 
-                    def guided():
-                        with torch.inference_mode():
-                            return guidance(plain(), sigma)
+            t_clip, m_clip = self.timed(clip_fb)
+            opts = cg.GuidanceOptions(cutn=cutn, cut_batches=1, decoder_checkpoint=self.args.checkpoint_decoder)
+            guidance = cg.CLIPGuidance(embed, csize, targets, decode, opts, seed=0)
 
-                    t_g, m_g = timed(guided, device, args.repeats, args.warmup)
-                    parts = t_plain + t_dec + t_clip
-                    print(f"  {dname:5s} + {arch:8s} x{cutn:3d} cuts: CLIP fwd+bwd {t_clip * 1e3:8.1f} ms mem {m_clip / 2**20:5.0f} MiB  "
-                          f"guided step {t_g * 1e3:9.1f} ms  mem {m_g / 2**20:6.0f} MiB  "
-                          f"guided/parts {t_g / parts:5.2f}  guided/plain {t_g / t_plain:5.2f}", flush=True)
-                    rows.append((size, dname, arch, cutn, t_plain, t_dec, t_clip, t_g, m_g))
-                    del guidance
-                del model
-    print("\nsummary (ms): size decoder clip cutn | plain decode clip | guided (mem MiB) | guided/parts guided/plain")
-    for size, dname, arch, cutn, tp, td, tc, tg, mg in rows:
-        print(f"  {size:4d} {dname:5s} {arch:8s} {cutn:3d} | {tp * 1e3:8.1f} {td * 1e3:8.1f} {tc * 1e3:8.1f} | "
-              f"{tg * 1e3:8.1f} ({mg / 2**20:6.0f}) | {tg / (tp + td + tc):5.2f} {tg / tp:5.2f}")
+            def guided():
+                with torch.inference_mode():
+                    return guidance(self.plain(x), sigma)
+
+            t_g, m_g = self.timed(guided)
+            parts = t_plain + t_dec + t_clip
+            print(f"  {dname:5s} + {arch:8s} x{cutn:3d} cuts: CLIP fwd+bwd {t_clip * 1e3:8.1f} ms "
+                  f"mem {m_clip / 2**20:5.0f} MiB  guided step {t_g * 1e3:9.1f} ms  mem {m_g / 2**20:6.0f} MiB  "
+                  f"guided/parts {t_g / parts:5.2f}  guided/plain {t_g / t_plain:5.2f}", flush=True)
+            self.rows.append((size, dname, arch, cutn, t_plain, t_dec, t_clip, t_g, m_g))
+
+    def summary(self):
+        print("\nsummary (ms): size decoder clip cutn | plain decode clip | guided (mem MiB) | "
+              "guided/parts guided/plain")
+        for size, dname, arch, cutn, tp, td, tc, tg, mg in self.rows:
+            print(f"  {size:4d} {dname:5s} {arch:8s} {cutn:3d} | {tp * 1e3:8.1f} {td * 1e3:8.1f} {tc * 1e3:8.1f} | "
+                  f"{tg * 1e3:8.1f} ({mg / 2**20:6.0f}) | {tg / (tp + td + tc):5.2f} {tg / tp:5.2f}")
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    attach(args.comfyui, cpu=device.type == "cpu")  # ComfyUI's model management then uses the bench's device
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"device {device} ({where}), dtype {torch.float16 if device.type == 'cuda' else torch.float32}, "
+          f"random weights, cut_batches 1, repeats {args.repeats}", flush=True)
+    bench = Bench(args)
+    for size in args.size:
+        bench.size(size)
+    bench.summary()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Multistage conditioning, checked inside a real ComfyUI: is every step guided by exactly its planned stage?
 
-Run with ComfyUI's python (CPU is enough; the model output is faked):
+Run from the pack root with ComfyUI's Python (CPU is enough; the model output is faked):
 
-    COMFYUI_PATH=/path/to/ComfyUI  $COMFYUI_PATH/.venv/bin/python bench/bench_multistage.py [--steps 1-200]
+    COMFYUI_PATH=/path/to/ComfyUI  /path/to/ComfyUI/.venv/bin/python -m bench.bench_multistage [--steps 1-200]
 
 For every scheduler in ComfyUI's list, every step count and every sampler asked for, the pack's
 ``AtelierMultistageFromStages`` node plans a few stages (one of them zero-step) on the real schedule,
@@ -14,39 +14,26 @@ one plain prompt. Also KSamplerAdvanced windows and SamplerCustom with a SIGMAS 
 ``--json`` writes them for the host test.
 """
 import argparse
-import importlib.util
 import json
-import os
 import pathlib
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACK = "atelier_bench"
+from atelier.host.locate import ComfyNotFound, attach
 
 
-def setup_comfy(path):
-    sys.path.insert(0, str(path))
-    import torch
-    from comfy.cli_args import args
-
-    if not torch.cuda.is_available():
-        args.cpu = True
-    import utils.extra_config  # noqa: F401  ComfyUI's top-level utils before comfy's (COMFYUI.md section 1)
+def setup_comfy(path=None):
+    """ComfyUI importable (``--comfyui``, COMFYUI_PATH or the ComfyUI the pack sits in; CPU without CUDA), then
+    the pack, which registers ``plms`` once ComfyUI's sampler module is loaded."""
+    attach(path)
+    import utils.extra_config  # noqa: F401  ComfyUI's top-level `utils` before `nodes` puts comfy/ first on sys.path
     import comfy.model_management
     import comfy.samplers  # noqa: F401
 
     # The fake UNet needs no memory; skip reading /proc/meminfo on every model call (a third of the
     # per-call time on a small CPU). Batching decisions are unchanged: there is always room.
     comfy.model_management.get_free_memory = lambda *a, **k: 1 << 40
-
-
-def load_pack():
-    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    import atelier.nodes  # noqa: F401  the node tables; registers `plms`
 
 
 def tiny_model():
@@ -116,15 +103,13 @@ def stage_counts(n, variant):
 
 
 class Harness:
-    def __init__(self, comfy_path):
+    def __init__(self, comfy_path=None):
         setup_comfy(comfy_path)
-        pack = load_pack()
-        mod = sys.modules[f"{PACK}.nodes.multistage"]
-        self.node = mod.AtelierMultistageFromStages()
-        self.stage_list = mod.AtelierStageList()
+        from atelier.nodes import multistage
+
+        self.node = multistage.AtelierMultistageFromStages()
         self.base = tiny_model()
         self.rec = Recorder(self.base)
-        self.pack = pack
         import torch
 
         self.noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -194,9 +179,10 @@ def check_evals(evals, sig, expected, cfg, intermediate="own"):
     return len(seen_steps), errors, inter, bad
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", ""), help="ComfyUI checkout")
+    ap.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: COMFYUI_PATH, or the ComfyUI the "
+                    "pack is installed in)")
     ap.add_argument("--steps", default="1-200", help="step counts, e.g. 1-60 or 1,5,20")
     ap.add_argument("--samplers", default="euler", help="comma list; 'plms' is skipped when not registered")
     ap.add_argument("--schedulers", default="all", help="comma list or all (ComfyUI's scheduler list)")
@@ -208,67 +194,42 @@ def main(argv=None):
     ap.add_argument("--json", default="", help="write the figures here")
     ap.add_argument("--table", default="", help="only print the node's step table for these stages "
                     "(text mode, e.g. '8: A Chinese dragon\\n12: A fish') with --samplers/--schedulers/--steps")
-    a = ap.parse_args(argv)
-    if not a.comfyui:
-        ap.error("give --comfyui or set COMFYUI_PATH")
-    if a.table:
-        return print_tables(a)
-    if "-" in a.steps:
-        lo, hi = a.steps.split("-")
-        steps_list = list(range(int(lo), int(hi) + 1))
-    else:
-        steps_list = [int(s) for s in a.steps.split(",")]
+    return ap, ap.parse_args(argv)
 
+
+def step_counts(text):
+    if "-" in text:
+        lo, hi = text.split("-")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(s) for s in text.split(",")]
+
+
+def main(argv=None):
+    ap, a = parse_args(argv)
     t0 = time.time()
-    h = Harness(pathlib.Path(a.comfyui))
+    try:
+        h = Harness(a.comfyui)
+    except ComfyNotFound as e:
+        ap.error(str(e))
+    if a.table:
+        return print_tables(h, a)
     import comfy.samplers
 
+    steps_list = step_counts(a.steps)
     schedulers = list(comfy.samplers.KSampler.SCHEDULERS) if a.schedulers == "all" else a.schedulers.split(",")
     samplers, skipped = [], []
     for s in a.samplers.split(","):
         (samplers if s in comfy.samplers.KSampler.SAMPLERS else skipped).append(s)
     denoises = [float(d) for d in a.denoise.split(",")]
-    fig = {"runs": 0, "steps_checked": 0, "steps_exact": 0, "evaluations": 0, "errors": [], "extra_calls": 0, "call_comparisons": 0,
-           "samplers": samplers, "samplers_skipped": skipped, "schedulers": schedulers, "denoise": denoises,
-           "steps": [steps_list[0], steps_list[-1]], "per_scheduler": {}, "schedule_steps_differ": 0,
-           "nan_schedules_refused": 0}
-
+    fig = {"runs": 0, "steps_checked": 0, "steps_exact": 0, "evaluations": 0, "errors": [], "extra_calls": 0,
+           "call_comparisons": 0, "samplers": samplers, "samplers_skipped": skipped, "schedulers": schedulers,
+           "denoise": denoises, "steps": [steps_list[0], steps_list[-1]], "per_scheduler": {},
+           "schedule_steps_differ": 0, "nan_schedules_refused": 0}
     for sampler in samplers:
         for scheduler in schedulers:
-            per = fig["per_scheduler"].setdefault(scheduler, {"steps_checked": 0, "exact": 0})
             for denoise in denoises:
                 for v, n in enumerate(steps_list):
-                    sig = h.schedule(sampler, scheduler, n, denoise)
-                    big_n = len(sig) - 1
-                    if any(x != x for x in sig):  # ComfyUI's own schedule is NaN (kl_optimal at 1 step)
-                        try:
-                            h.plan(stage_counts(big_n, v), sampler, scheduler, n, denoise)
-                            fig["errors"].append(f"{sampler}/{scheduler}/{n}/{denoise}: NaN schedule not refused")
-                        except ValueError:
-                            fig["nan_schedules_refused"] += 1
-                        continue
-                    fig["schedule_steps_differ"] += big_n != n
-                    counts = stage_counts(big_n, v)
-                    expected = [k for k, c in enumerate(counts) for _ in range(c)]
-                    try:
-                        positive, _ = h.plan(counts, sampler, scheduler, n, denoise)
-                    except ValueError as e:
-                        fig["errors"].append(f"{sampler}/{scheduler}/{n}/{denoise}: plan failed: {e}")
-                        continue
-                    evals, calls = h.run(positive, sampler, scheduler, n, denoise, a.cfg)
-                    checked, errs, _, bad = check_evals(evals, sig, expected, a.cfg)
-                    fig["runs"] += 1
-                    fig["evaluations"] += len(evals)
-                    fig["steps_checked"] += big_n
-                    per["steps_checked"] += big_n
-                    per["exact"] += big_n - len(bad)
-                    fig["steps_exact"] += big_n - len(bad)
-                    fig["errors"] += [f"{sampler}/{scheduler}/{n}/{denoise}: {e}" for e in errs[:3]]
-                    if v % a.extra_calls_every == 0:
-                        _, plain_calls = h.run(cond(1), sampler, scheduler, n, denoise, a.cfg)
-                        fig["call_comparisons"] += 1
-                        fig["extra_calls"] += calls - plain_calls
-
+                    check_one(h, fig, a, sampler, scheduler, denoise, v, n)
     if a.extras:
         fig["extras"] = extras(h, a.cfg)
         fig["errors"] += fig["extras"].pop("errors")
@@ -280,79 +241,117 @@ def main(argv=None):
     return 1 if fig["errors"] or fig["extra_calls"] else 0
 
 
-def print_tables(a):
-    """The step table the text-mode node shows, for documentation (stage prompts are not encoded)."""
-    h = Harness(pathlib.Path(a.comfyui))
-    mod = sys.modules[f"{PACK}.nodes.multistage"]
-    core = sys.modules[f"{PACK}.samplers.multistage"]
+def check_one(h, fig, a, sampler, scheduler, denoise, v, n):
+    """Plan variant ``v`` on ``n`` steps, sample, compare every evaluation with the plan; add to ``fig``."""
+    per = fig["per_scheduler"].setdefault(scheduler, {"steps_checked": 0, "exact": 0})
+    run = f"{sampler}/{scheduler}/{n}/{denoise}"
+    sig = h.schedule(sampler, scheduler, n, denoise)
+    big_n = len(sig) - 1
+    if any(x != x for x in sig):  # ComfyUI's own schedule is NaN (kl_optimal at 1 step)
+        try:
+            h.plan(stage_counts(big_n, v), sampler, scheduler, n, denoise)
+            fig["errors"].append(f"{run}: NaN schedule not refused")
+        except ValueError:
+            fig["nan_schedules_refused"] += 1
+        return
+    fig["schedule_steps_differ"] += big_n != n
+    counts = stage_counts(big_n, v)
+    expected = [k for k, c in enumerate(counts) for _ in range(c)]
+    try:
+        positive, _ = h.plan(counts, sampler, scheduler, n, denoise)
+    except ValueError as e:
+        fig["errors"].append(f"{run}: plan failed: {e}")
+        return
+    evals, calls = h.run(positive, sampler, scheduler, n, denoise, a.cfg)
+    _, errs, _, bad = check_evals(evals, sig, expected, a.cfg)
+    fig["runs"] += 1
+    fig["evaluations"] += len(evals)
+    fig["steps_checked"] += big_n
+    per["steps_checked"] += big_n
+    per["exact"] += big_n - len(bad)
+    fig["steps_exact"] += big_n - len(bad)
+    fig["errors"] += [f"{run}: {e}" for e in errs[:3]]
+    if v % a.extra_calls_every == 0:
+        _, plain_calls = h.run(cond(1), sampler, scheduler, n, denoise, a.cfg)
+        fig["call_comparisons"] += 1
+        fig["extra_calls"] += calls - plain_calls
+
+
+def print_tables(h, a):
+    """The step table the node shows, for documentation (stage prompts are not encoded)."""
+    from atelier.samplers import multistage as core
+
     stages = core.parse_stage_lines(a.table.replace("\\n", "\n"))
     for sampler in a.samplers.split(","):
         for scheduler in a.schedulers.split(","):
             for n in ([int(x) for x in a.steps.split(",")] if "-" not in a.steps else [20]):
                 for denoise in [float(d) for d in a.denoise.split(",")]:
-                    _, table = mod.build_multistage(h.base, [cond(k + 1) for k in range(len(stages))],
-                                                    [c for c, _ in stages], [p for _, p in stages], sampler,
-                                                    scheduler, n, denoise)
-                    print(table)
+                    listed = tuple((cond(k + 1), c, p) for k, (c, p) in enumerate(stages))
+                    print(h.node.apply(h.base, listed, sampler, scheduler, n, denoise)["result"][1])
                     print()
     return 0
 
 
 def extras(h, cfg):
     """KSamplerAdvanced windows, SamplerCustom with SIGMAS, and what heun/dpm_2 see between steps."""
-    import comfy.samplers
-
     out = {"errors": [], "advanced_windows": 0, "custom_runs": 0, "intermediate": {}}
     for scheduler in ("normal", "karras", "exponential"):
         for n in (7, 20, 31):
-            counts = stage_counts(n, n)
-            expected = [k for k, c in enumerate(counts) for _ in range(c)]
-            sig = h.schedule("euler", scheduler, n, 1.0)
-            positive, _ = h.plan(counts, "euler", scheduler, n, 1.0)
-            # KSamplerAdvanced: same steps, a window of them; the full-schedule plan holds in any window
-            for start, stop in ((0, n // 2), (n // 2, n), (n // 3, n - 1)):
-                evals, _ = h.run(positive, "euler", scheduler, n, 1.0, cfg, start_step=start, last_step=stop,
-                                 force_full_denoise=True)
-                window = sig[start:stop + 1]
-                got = [e for e in evals]
-                _, errs, _, _ = check_evals(got, window, expected[start:stop], cfg)
-                out["errors"] += [f"advanced {scheduler}/{n}/[{start},{stop}): {e}" for e in errs]
-                out["advanced_windows"] += 1
-            # SamplerCustom: BasicScheduler's sigmas (denoise 0.6 tail) into the SIGMAS input
-
-            total = int(n / 0.6)
-            custom = comfy.samplers.calculate_sigmas(h.base.get_model_object("model_sampling"), scheduler,
-                                                     total).cpu()[-(n + 1):]
-            positive_c, _ = h.plan(counts, "euler", scheduler, n, 1.0, sigmas=custom)
-            for sampler in ("euler", "dpmpp_2m"):
-                evals, _ = h.run_custom(positive_c, sampler, custom, cfg)
-                _, errs, _, _ = check_evals(evals, [float(x) for x in custom.tolist()], expected, cfg)
-                out["errors"] += [f"custom {sampler}/{scheduler}/{n}: {e}" for e in errs]
-                out["custom_runs"] += 1
-    # samplers that evaluate between steps: heun (at σ_{i+1}), dpm_2 (log-midpoint)
+            windows_and_custom(h, cfg, scheduler, n, out)
     for sampler in ("heun", "dpm_2"):
-        stat = {"evaluations": 0, "between_steps": 0, "between_own_stage": 0, "at_next_sigma_next_stage": 0}
-        for scheduler in ("normal", "karras"):
-            for n in (10, 20):
-                sig = h.schedule(sampler, scheduler, n, 1.0)
-                big_n = len(sig) - 1
-                counts = stage_counts(big_n, n)
-                expected = [k for k, c in enumerate(counts) for _ in range(c)]
-                positive, _ = h.plan(counts, sampler, scheduler, n, 1.0)
-                evals, _ = h.run(positive, sampler, scheduler, n, 1.0, cfg)
-                _, errs, inter, _ = check_evals(evals, sig, expected, cfg)
-                out["errors"] += [f"{sampler}/{scheduler}/{n}: {e}" for e in errs]
-                stat["evaluations"] += len(evals)
-                stat["between_steps"] += inter
-                stat["between_own_stage"] += inter - len(errs)
-                # heun's second evaluation at σ_{i+1} sees step i+1's stage by construction
-                prev = None
-                for sigma, pos, _ in evals:
-                    if prev is not None and sigma in sig and sig.index(sigma) == sig.index(prev) + 1:
-                        stat["at_next_sigma_next_stage"] += pos == [expected[sig.index(sigma)] + 1]
-                    prev = sigma if sigma in sig else None
-        out["intermediate"][sampler] = stat
+        out["intermediate"][sampler] = between_steps(h, cfg, sampler, out["errors"])
     return out
+
+
+def windows_and_custom(h, cfg, scheduler, n, out):
+    """KSamplerAdvanced windows of a full-schedule plan; SamplerCustom with BasicScheduler's sigmas."""
+    import comfy.samplers
+
+    counts = stage_counts(n, n)
+    expected = [k for k, c in enumerate(counts) for _ in range(c)]
+    sig = h.schedule("euler", scheduler, n, 1.0)
+    positive, _ = h.plan(counts, "euler", scheduler, n, 1.0)
+    # KSamplerAdvanced: same steps, a window of them; the full-schedule plan holds in any window
+    for start, stop in ((0, n // 2), (n // 2, n), (n // 3, n - 1)):
+        evals, _ = h.run(positive, "euler", scheduler, n, 1.0, cfg, start_step=start, last_step=stop,
+                         force_full_denoise=True)
+        _, errs, _, _ = check_evals(evals, sig[start:stop + 1], expected[start:stop], cfg)
+        out["errors"] += [f"advanced {scheduler}/{n}/[{start},{stop}): {e}" for e in errs]
+        out["advanced_windows"] += 1
+    # SamplerCustom: BasicScheduler's sigmas (denoise 0.6 tail) into the SIGMAS input
+    total = int(n / 0.6)
+    custom = comfy.samplers.calculate_sigmas(h.base.get_model_object("model_sampling"), scheduler,
+                                             total).cpu()[-(n + 1):]
+    positive_c, _ = h.plan(counts, "euler", scheduler, n, 1.0, sigmas=custom)
+    for sampler in ("euler", "dpmpp_2m"):
+        evals, _ = h.run_custom(positive_c, sampler, custom, cfg)
+        _, errs, _, _ = check_evals(evals, [float(x) for x in custom.tolist()], expected, cfg)
+        out["errors"] += [f"custom {sampler}/{scheduler}/{n}: {e}" for e in errs]
+        out["custom_runs"] += 1
+
+
+def between_steps(h, cfg, sampler, errors):
+    """Samplers that evaluate between steps: heun (at σ_{i+1}), dpm_2 (log-midpoint)."""
+    stat = {"evaluations": 0, "between_steps": 0, "between_own_stage": 0, "at_next_sigma_next_stage": 0}
+    for scheduler in ("normal", "karras"):
+        for n in (10, 20):
+            sig = h.schedule(sampler, scheduler, n, 1.0)
+            counts = stage_counts(len(sig) - 1, n)
+            expected = [k for k, c in enumerate(counts) for _ in range(c)]
+            positive, _ = h.plan(counts, sampler, scheduler, n, 1.0)
+            evals, _ = h.run(positive, sampler, scheduler, n, 1.0, cfg)
+            _, errs, inter, _ = check_evals(evals, sig, expected, cfg)
+            errors += [f"{sampler}/{scheduler}/{n}: {e}" for e in errs]
+            stat["evaluations"] += len(evals)
+            stat["between_steps"] += inter
+            stat["between_own_stage"] += inter - len(errs)
+            # heun's second evaluation at σ_{i+1} sees step i+1's stage by construction
+            prev = None
+            for sigma, pos, _ in evals:
+                if prev is not None and sigma in sig and sig.index(sigma) == sig.index(prev) + 1:
+                    stat["at_next_sigma_next_stage"] += pos == [expected[sig.index(sigma)] + 1]
+                prev = sigma if sigma in sig else None
+    return stat
 
 
 def report(fig):

@@ -1,8 +1,11 @@
 """Time per step of `plms` vs ComfyUI's `ipndm` on the same model, conditioning and sigmas.
 
-Run with ComfyUI's Python (ComfyUI found via --comfyui or COMFYUI_PATH):
+Run from the pack root with ComfyUI's Python (ComfyUI found via --comfyui, COMFYUI_PATH, or the ComfyUI the
+pack is installed in):
 
-    /work/comfyui/.venv/bin/python bench/bench_plms.py --ckpt tiny_sd15.safetensors [--steps 20 --reps 7]
+    COMFYUI_PATH=/path/to/ComfyUI  /path/to/ComfyUI/.venv/bin/python -m bench.bench_plms \\
+        --ckpt tiny_sd15.safetensors [--steps 20 --reps 7]
+    COMFYUI_PATH=/path/to/ComfyUI  /path/to/ComfyUI/.venv/bin/python -m bench.bench_plms --overhead
 
 The two samplers are interleaved (ABBA order) over repetitions and medians are reported. PLMS makes one
 extra model call (N steps = N + 1 calls), so the fair ratio is per model call:
@@ -12,14 +15,12 @@ printed too. Peak memory: CUDA max_memory_allocated, or on CPU the peak RSS abov
 script's situation), where a sampler without no_grad keeps the autograd graph of every step.
 """
 import argparse
-import importlib.util
 import os
 import statistics
-import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from atelier.host.locate import attach
 
 
 def parse_args():
@@ -28,7 +29,8 @@ def parse_args():
     ap.add_argument("--ckpt", help="SD1.x checkpoint (.safetensors), e.g. the tiny random one")
     ap.add_argument("--overhead", action="store_true",
                     help="instead of a checkpoint, time the samplers' own work with a one-conv model at 512^2 latents")
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/work/comfyui"), help="ComfyUI checkout")
+    ap.add_argument("--comfyui", default=None,
+                    help="ComfyUI checkout (default: COMFYUI_PATH, or the ComfyUI the pack is installed in)")
     ap.add_argument("--steps", type=int, default=20, help="sampling steps (ddim_uniform; pick a divisor of 1000)")
     ap.add_argument("--reps", type=int, default=7, help="repetitions per sampler (interleaved)")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (latent side = size / 8)")
@@ -39,24 +41,11 @@ def parse_args():
     return ap.parse_args()
 
 
-def setup_comfyui(path):
-    sys.path.insert(0, path)
-    argv = sys.argv
-    import torch
-
-    sys.argv = [argv[0]] + ([] if torch.cuda.is_available() else ["--cpu"])
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401  parses the arguments above
-    sys.argv = argv
+def setup_comfyui(path=None):
+    """ComfyUI importable (CPU without CUDA), then the pack, which registers `plms` in ComfyUI's lists."""
+    attach(path)
     import comfy.samplers  # noqa: F401  registration needs it loaded
-
-    spec = importlib.util.spec_from_file_location("atelier", os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["atelier"] = pack
-    spec.loader.exec_module(pack)  # registers `plms`
+    import atelier.nodes  # noqa: F401  registers `plms`
 
 
 class PeakMemory:
@@ -141,83 +130,79 @@ def overhead(args):
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in med.items():
         calls = steps + 1 if name == "plms" else steps
-        print(f"{name:6s} median {t * 1e3:8.2f} ms  per step {t / steps * 1e3:7.3f} ms  per call {t / calls * 1e3:7.3f} ms  "
+        print(f"{name:6s} median {t * 1e3:8.2f} ms  per step {t / steps * 1e3:7.3f} ms  "
+              f"per call {t / calls * 1e3:7.3f} ms  "
               f"(min/max {min(times[name]) * 1e3:.1f}/{max(times[name]) * 1e3:.1f} ms)")
     print(f"ratio per step plms/ipndm: {med['plms'] / med['ipndm']:.4f}   per model call: "
           f"{(med['plms'] / (steps + 1)) / (med['ipndm'] / steps):.4f}")
     for name in fns:
         for inference in (True, False):
             t, peak, graph = run(name, inference)
-            print(f"{name:6s} {'inference mode' if inference else 'grad enabled  '}  peak mem {peak / 2 ** 20:8.1f} MiB  "
-                  f"output keeps a graph: {graph}")
+            mode = "inference mode" if inference else "grad enabled  "
+            print(f"{name:6s} {mode}  peak mem {peak / 2 ** 20:8.1f} MiB  output keeps a graph: {graph}")
 
 
-def main():
-    args = parse_args()
-    setup_comfyui(args.comfyui)
-    if args.overhead:
-        return overhead(args)
-    if not args.ckpt:
-        raise SystemExit("bench_plms: give --ckpt PATH (an SD1.x checkpoint) or --overhead")
+class TimedModel:
+    """The checkpoint's MODEL with its UNet call wrapped: model calls counted and the time inside them summed."""
+
+    def __init__(self, model, device):
+        self.device, self.seconds, self.calls = device, 0.0, 0
+        self.model = model.clone()
+        self.model.set_model_unet_function_wrapper(self.unet)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def unet(self, apply_model, a):
+        self.sync()
+        t0 = time.perf_counter()
+        out = apply_model(a["input"], a["timestep"], **a["c"])
+        self.sync()
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+def checkpoint_runs(args):
+    """(run(name, inference) -> figures of one sampling run, steps, latent side, device) for the checkpoint."""
     import torch
 
     import comfy.model_management as mm
     import comfy.sample
     import comfy.samplers
-    import comfy.sd
-    import nodes
+    from atelier.host.models import load_checkpoint
+
     device = mm.get_torch_device()
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=False, output_clip=True)
-    pos = nodes.CLIPTextEncode().encode(clip, "a lighthouse at dusk, oil painting")[0]
-    neg = nodes.CLIPTextEncode().encode(clip, "")[0]
-    model_time = [0.0]
-    calls = [0]
-
-    def timed(apply_model, a):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = apply_model(a["input"], a["timestep"], **a["c"])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        model_time[0] += time.perf_counter() - t0
-        calls[0] += 1
-        return out
-
-    m = model.clone()
-    m.set_model_unet_function_wrapper(timed)
-    sigmas = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "ddim_uniform", args.steps).cpu()
-    steps = len(sigmas) - 1
+    model, clip, _ = load_checkpoint(args.ckpt, embeddings=False)
+    pos, neg = (clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in ("a lighthouse at dusk, oil painting", ""))
+    timed = TimedModel(model, device)
+    sigmas = comfy.samplers.calculate_sigmas(timed.model.get_model_object("model_sampling"), "ddim_uniform",
+                                             args.steps).cpu()
     side = args.size // 8
     latent = torch.zeros(args.batch, 4, side, side)
     noise = comfy.sample.prepare_noise(latent, 0)
     samplers = {"plms": comfy.samplers.ksampler("plms"), "ipndm": comfy.samplers.ksampler("ipndm")}
 
     def run(name, inference=True):
-        model_time[0], calls[0] = 0.0, 0
+        timed.seconds, timed.calls = 0.0, 0
         ctx = torch.inference_mode() if inference else torch.enable_grad()
         with PeakMemory(device) as mem, ctx:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            timed.sync()
             t0 = time.perf_counter()
-            out = comfy.sample.sample_custom(m, noise, args.cfg, samplers[name], sigmas, pos, neg, latent,
+            out = comfy.sample.sample_custom(timed.model, noise, args.cfg, samplers[name], sigmas, pos, neg, latent,
                                              disable_pbar=True, seed=0)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            timed.sync()
             total = time.perf_counter() - t0
-        return {"total": total, "model": model_time[0], "calls": calls[0], "peak": mem.peak,
+        return {"total": total, "model": timed.seconds, "calls": timed.calls, "peak": mem.peak,
                 "graph": bool(out.requires_grad)}
 
-    for name in samplers:  # warm-up: model load, allocator, kernels
-        run(name)
-    results = {name: [] for name in samplers}
-    for rep in range(args.reps):
-        order = ["plms", "ipndm"] if rep % 2 == 0 else ["ipndm", "plms"]
-        for name in order:
-            results[name].append(run(name))
+    return run, timed.model, len(sigmas) - 1, side, device
 
-    print(f"device: {device}  torch {torch.__version__}  ckpt {os.path.basename(args.ckpt)}  "
-          f"latent {args.batch}x4x{side}x{side}  steps {steps} (ddim_uniform)  cfg {args.cfg}  reps {args.reps}")
+
+def print_results(results, steps):
     med = {}
     for name, rows in results.items():
         calls_n = rows[0]["calls"]
@@ -232,12 +217,33 @@ def main():
     (tp, cp, op), (ti, ci, oi) = med["plms"], med["ipndm"]
     print(f"ratio per step  plms/ipndm: {tp / ti:.4f}  (includes the extra first-step call)")
     print(f"ratio per model call plms/ipndm: {(tp / cp) / (ti / ci):.4f}  (target <= 1.01)")
-    print(f"sampler overhead per step plms/ipndm: {op / oi:.3f}  ({op / steps * 1e6:.0f} us vs {oi / steps * 1e6:.0f} us)")
+    print(f"sampler overhead per step plms/ipndm: {op / oi:.3f}  ({op / steps * 1e6:.0f} us vs "
+          f"{oi / steps * 1e6:.0f} us)")
 
+
+def main():
+    args = parse_args()
+    setup_comfyui(args.comfyui)
+    if args.overhead:
+        return overhead(args)
+    if not args.ckpt:
+        raise SystemExit("bench_plms: give --ckpt PATH (an SD1.x checkpoint) or --overhead")
+    import torch
+
+    run, model, steps, side, device = checkpoint_runs(args)
+    for name in ("plms", "ipndm"):  # warm-up: model load, allocator, kernels
+        run(name)
+    results = {"plms": [], "ipndm": []}
+    for rep in range(args.reps):
+        for name in (["plms", "ipndm"] if rep % 2 == 0 else ["ipndm", "plms"]):
+            results[name].append(run(name))
+    print(f"device: {device}  torch {torch.__version__}  ckpt {os.path.basename(args.ckpt)}  "
+          f"latent {args.batch}x4x{side}x{side}  steps {steps} (ddim_uniform)  cfg {args.cfg}  reps {args.reps}")
+    print_results(results, steps)
     if args.outside_inference:
-        for p in m.model.parameters():
+        for p in model.model.parameters():
             p.requires_grad_(True)
-        for name in samplers:
+        for name in results:
             r = run(name, inference=False)
             print(f"outside inference mode, params requiring grad: {name:6s} total {r['total'] * 1e3:9.1f} ms  "
                   f"peak mem {r['peak'] / 2 ** 20:8.1f} MiB  output keeps a graph: {r['graph']}")

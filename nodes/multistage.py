@@ -1,48 +1,28 @@
-"""Multistage conditioning nodes (seed 003): prompt i is the only positive prompt on exactly s_i steps.
+"""Multistage conditioning nodes ("Multistage guidance on the diffusion model inspired by human artists' creative
+thinking", FITEE 2023): prompt i is the only positive prompt on exactly s_i steps.
 
-The nodes compute the σ schedule exactly as the sampler will (``comfy.samplers.KSampler(...).sigmas``:
-scheduler, steps, denoise truncation, and the penultimate-σ rule of dpm_2/uni_pc), ask
-``samplers.multistage`` for percent ranges that gate each stage onto its steps, and set them with
-``node_helpers.conditioning_set_values`` (copies; inputs are never mutated). The negative prompt is not
+Each node gets the σ schedule exactly as the sampler will (``host.sampling.sampler_sigmas``: scheduler, steps,
+denoise truncation and the penultimate-σ rule of dpm_2/uni_pc; or the SIGMAS input) and the model's
+``percent_to_sigma``, asks ``samplers.multistage`` for the plan and its step table, and sets each stage's
+range with ``host.sampling.conditioning_with`` (copies; inputs are never mutated). The negative prompt is not
 touched: it already covers every step.
 """
+from ..host import sampling
 from ..samplers import multistage as core
 from ..samplers import prompt_editing as editing
 
 STAGES_TYPE = "ATELIER_STAGES"
 
-# ComfyUI 0.15.1's lists, used only when ComfyUI is absent (schema checks); in ComfyUI the live lists
-# are returned, so samplers added later (e.g. `plms`) show up.
-_FALLBACK_SAMPLERS = [
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
-    "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
-    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
-    "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
-    "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
-    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
-    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
-]
-_FALLBACK_SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
-                        "linear_quadratic", "kl_optimal"]
-
-
-def _comfy_lists():
-    try:
-        import comfy.samplers
-
-        return comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
-    except Exception:  # no ComfyUI (static schema checks)
-        return _FALLBACK_SAMPLERS, _FALLBACK_SCHEDULERS
-
 
 def _schedule_inputs():
-    samplers, schedulers = _comfy_lists()
     return {
-        "sampler_name": (samplers, {"default": "euler", "tooltip": "The sampler you will use. Only matters for "
-                                    "dpm_2, dpm_2_ancestral, uni_pc and uni_pc_bh2, whose schedule ComfyUI builds "
-                                    "with one more step and then drops the next-to-last sigma."}),
-        "scheduler": (schedulers, {"default": "normal", "tooltip": "The same scheduler as in your KSampler: "
-                                   "stage boundaries are placed on its real sigma schedule."}),
+        "sampler_name": (sampling.sampler_names(), {
+            "default": "euler", "tooltip": "The sampler you will use. Only matters for dpm_2, dpm_2_ancestral, "
+            "uni_pc and uni_pc_bh2, whose schedule ComfyUI builds with one more step and then drops the "
+            "next-to-last sigma."}),
+        "scheduler": (sampling.scheduler_names(), {
+            "default": "normal", "tooltip": "The same scheduler as in your KSampler: stage boundaries are placed "
+            "on its real sigma schedule."}),
         "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "The same total steps as in your "
                           "KSampler (KSamplerAdvanced: its steps; start/end_at_step windows then see the "
                           "planned stage on every step they run)."}),
@@ -64,94 +44,21 @@ SCALE_TOOLTIP = ("When the stage steps do not sum to the steps the sampler runs:
                  "(default); on = scale them proportionally (rounded so the sum is exact) and say so in the table.")
 
 
-def _compute_sigmas(model, sampler_name, scheduler, steps, denoise, sigmas=None):
-    """The σ the sampler will evaluate: exactly what KSampler / SamplerCustom compute."""
-    if sigmas is not None:
-        return [float(v) for v in sigmas.flatten().tolist()], "custom SIGMAS input"
-    import comfy.samplers
-
-    samplers, schedulers = _comfy_lists()
-    if sampler_name not in samplers:
-        raise ValueError(f"Multistage: unknown sampler {sampler_name!r}; pick one of the sampler list")
-    if scheduler not in schedulers:
-        raise ValueError(f"Multistage: unknown scheduler {scheduler!r}; pick one of {list(schedulers)}")
-    ks = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
-                                 denoise=denoise)
-    sig = [float(v) for v in ks.sigmas.flatten().tolist()]
-    where = f"{sampler_name}, {scheduler}, steps {steps}, denoise {denoise:g}"
-    return sig, where
-
-
-def _percent_to_sigma(model):
-    ms = model.get_model_object("model_sampling")
-    fn = getattr(ms, "percent_to_sigma", None)
-    # ComfyUI builds the class on the fly ("ModelSampling"); name the sampling type it derives from
-    name = next((c.__name__ for c in type(ms).__mro__ if c.__name__ != "ModelSampling"), type(ms).__name__)
-    if fn is None:
-        raise ValueError(f"Multistage: this model's sampling ({name}) has no percent_to_sigma, so step ranges "
-                         "cannot be mapped to ComfyUI conditioning ranges")
-    probe = [float(fn(p / 16.0)) for p in range(1, 16)]
-    if any(b > a for a, b in zip(probe, probe[1:])) or probe[0] == probe[-1]:
-        raise ValueError(f"Multistage: this model's sampling ({name}) maps percent to sigma non-monotonically "
-                         f"({probe[0]:.4g} .. {probe[-1]:.4g}), so exact step ranges cannot be computed")
-    return (lambda p: float(fn(p))), name
-
-
-def _check_no_range(cond, what):
-    for entry in cond:
-        d = entry[1]
-        if d.get("start_percent", 0.0) != 0.0 or d.get("end_percent", 1.0) != 1.0:
-            raise ValueError(
-                f"Multistage: {what} already has a timestep range (start_percent={d.get('start_percent', 0.0)}, "
-                f"end_percent={d.get('end_percent', 1.0)}); remove ConditioningSetTimestepRange before this node, "
-                "the node sets the ranges itself")
-
-
-def plan_multistage(model, counts, labels, sampler_name, scheduler, steps, denoise, scale=False, sigmas=None):
-    """The plan and its step table, before any prompt is encoded (so bad input fails fast)."""
+def _schedule(model, sampler_name, scheduler, steps, denoise, sigmas=None):
+    """What the host knows before planning: the σ the sampler evaluates and the model's percent → σ map."""
     if model is None:
         raise ValueError("Multistage: connect the MODEL you sample with; its sigma mapping places the boundaries")
-    sig, where = _compute_sigmas(model, sampler_name, scheduler, steps, denoise, sigmas)
-    n = len(sig) - 1
-    if n < 1:
-        raise ValueError(f"Multistage: the sampler would run no step ({where}); raise steps or denoise")
-    note = ""
-    if sigmas is None and n != steps:
-        note = (f" (ComfyUI's {scheduler} scheduler turns steps={steps} into {n} sampling steps"
-                f"{' at this denoise' if denoise < 0.9999 else ''})")
-    try:
-        final_counts = core.check_stage_steps(counts, n, scale=scale)
-    except core.MultistageError as e:
-        raise ValueError(f"Multistage: {e}{note}") from None
-    p2s, ms_name = _percent_to_sigma(model)
-    try:
-        plan = core.plan_stages(sig, final_counts, p2s)
-    except core.MultistageError as e:
-        raise ValueError(f"Multistage ({ms_name}, {where}): {e}") from None
-    header = f"Multistage plan: {n} steps ({where}); model sampling {ms_name}{note}"
-    if list(final_counts) != [int(c) for c in counts]:
-        header += f"\nstage steps scaled from {list(counts)} to {final_counts}"
-    return plan, core.format_plan(plan, labels, header)
+    p2s, name = sampling.percent_to_sigma(model)
+    if sigmas is not None:
+        return core.Schedule.custom(sigmas, p2s, name)
+    core.check_sampler_choice(sampler_name, scheduler, sampling.sampler_names(), sampling.scheduler_names())
+    sig = sampling.sampler_sigmas(model, sampler_name, scheduler, steps, denoise)
+    return core.Schedule.from_settings(sig, p2s, name, sampler_name, scheduler, steps, denoise)
 
 
-def apply_plan(plan, stage_conds):
-    """Each non-empty stage's conditioning with its range (copies via conditioning_set_values), concatenated."""
-    import node_helpers
-
-    out = []
-    for st, cond in zip(plan.stages, stage_conds):
-        if st.steps == 0:
-            continue
-        out += node_helpers.conditioning_set_values(cond, {"start_percent": st.start_percent,
-                                                           "end_percent": st.end_percent})
-    return out
-
-
-def build_multistage(model, stage_conds, counts, labels, sampler_name, scheduler, steps, denoise,
-                     scale=False, sigmas=None):
-    """Shared by the nodes: (conditioning with exact ranges, step table)."""
-    plan, table = plan_multistage(model, counts, labels, sampler_name, scheduler, steps, denoise, scale, sigmas)
-    return apply_plan(plan, stage_conds), table
+def _with_ranges(plan, stage_conds):
+    """Each stage's conditioning with its planned range (copies), concatenated; zero-step stages left out."""
+    return [entry for k, values in plan.ranges() for entry in sampling.conditioning_with(stage_conds[k], values)]
 
 
 def _encode(clip, texts):
@@ -186,7 +93,8 @@ class _PlanNode:
 
 
 class AtelierMultistageConditioning(_PlanNode):
-    DESCRIPTION = ("Multistage prompts (seed 003): one stage per line, `8: A Chinese dragon` then `12: A fish`. "
+    DESCRIPTION = ("Multistage prompts (\"Multistage guidance on the diffusion model inspired by human artists' "
+                   "creative thinking\", FITEE 2023): one stage per line, `8: A Chinese dragon` then `12: A fish`. "
                    "Each prompt is the only positive conditioning on exactly its steps, for any scheduler and "
                    "sampler, because the boundaries are placed on the sampler's real sigma schedule.")
 
@@ -205,14 +113,9 @@ class AtelierMultistageConditioning(_PlanNode):
         return {"required": req, "optional": _optional_inputs()}
 
     def apply(self, clip, model, stages, sampler_name, scheduler, steps, denoise, scale_steps=False, sigmas=None):
-        try:
-            parsed = core.parse_stage_lines(stages)
-        except core.MultistageError as e:
-            raise ValueError(f"Multistage: {e}") from None
-        texts = [p for _, p in parsed]
-        plan, table = plan_multistage(model, [c for c, _ in parsed], texts, sampler_name, scheduler, steps,
-                                      denoise, scale_steps, sigmas)
-        return _result(apply_plan(plan, _encode(clip, texts)), table)
+        schedule = _schedule(model, sampler_name, scheduler, steps, denoise, sigmas)
+        texts, plan, table = core.plan_stage_text(stages, schedule, scale_steps)
+        return _result(_with_ranges(plan, _encode(clip, texts)), table)
 
 
 class AtelierStageList:
@@ -243,17 +146,9 @@ class AtelierStageList:
 
     def collect(self, conditioning_1, steps_1, steps_2=0, steps_3=0, steps_4=0, conditioning_2=None,
                 conditioning_3=None, conditioning_4=None, previous=None):
-        stages = list(previous or ())
         given = [(conditioning_1, steps_1), (conditioning_2, steps_2), (conditioning_3, steps_3),
                  (conditioning_4, steps_4)]
-        for k, (cond, n) in enumerate(given, 1):
-            if cond is None:
-                if n:
-                    raise ValueError(f"Stage list: steps_{k} is {n} but conditioning_{k} is not connected; connect "
-                                     f"it or set steps_{k} to 0")
-                continue
-            stages.append((cond, int(n), f"stage {len(stages) + 1} (conditioning_{k})"))
-        return (tuple(stages),)
+        return (core.collect_stages(previous, given),)
 
 
 class AtelierMultistageFromStages(_PlanNode):
@@ -271,14 +166,9 @@ class AtelierMultistageFromStages(_PlanNode):
         return {"required": req, "optional": _optional_inputs()}
 
     def apply(self, model, stages, sampler_name, scheduler, steps, denoise, scale_steps=False, sigmas=None):
-        if not stages:
-            raise ValueError("Multistage: the stage list is empty; connect at least one conditioning")
-        for k, (cond, _, label) in enumerate(stages, 1):
-            _check_no_range(cond, label)
-        cond, table = build_multistage(model, [c for c, _, _ in stages], [n for _, n, _ in stages],
-                                       [label for _, _, label in stages], sampler_name, scheduler, steps,
-                                       denoise, scale_steps, sigmas)
-        return _result(cond, table)
+        schedule = _schedule(model, sampler_name, scheduler, steps, denoise, sigmas)
+        conds, plan, table = core.plan_stage_list(stages, schedule, scale_steps)
+        return _result(_with_ranges(plan, conds), table)
 
 
 class AtelierPromptEditing(_PlanNode):
@@ -303,18 +193,9 @@ class AtelierPromptEditing(_PlanNode):
         return {"required": req, "optional": _optional_inputs()}
 
     def apply(self, clip, model, text, sampler_name, scheduler, steps, denoise, counting="a1111", sigmas=None):
-        sig, _ = _compute_sigmas(model, sampler_name, scheduler, steps, denoise, sigmas)
-        n = len(sig) - 1
-        if n < 1:
-            raise ValueError("Prompt editing: the sampler would run no step; raise steps or denoise")
-        try:
-            stages = editing.prompt_stages(text, n, counting)
-        except editing.PromptEditingError as e:
-            raise ValueError(f"Prompt editing: {e}") from None
-        texts = [t for t, _ in stages]
-        plan, table = plan_multistage(model, [c for _, c in stages], [repr(t) for t in texts], sampler_name,
-                                      scheduler, steps, denoise, False, sigmas)
-        return _result(apply_plan(plan, _encode(clip, texts)), table)
+        schedule = _schedule(model, sampler_name, scheduler, steps, denoise, sigmas)
+        texts, plan, table = core.plan_prompt_editing(text, counting, schedule)
+        return _result(_with_ranges(plan, _encode(clip, texts)), table)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,12 +1,12 @@
-"""PLMS sampler nodes: AtelierPLMSSampler (a SAMPLER) and the ``plms`` name in the stock sampler lists.
+"""PLMS sampler node: AtelierPLMSSampler (a SAMPLER) and the ``plms`` name in the stock sampler lists.
 
-The maths is ``samplers/plms.py``; this module only adds ComfyUI's seeded noise and registers the name.
-Registration runs at import (ComfyUI imports the pack before it validates any prompt, so a workflow
-saved with ``plms`` loads after a restart) and does nothing when ComfyUI's sampler module is not loaded.
+The maths is ``samplers/plms.py``; this module only adds ComfyUI's seeded noise (through ``host.sampling``)
+and registers the name. Registration runs at import (ComfyUI imports the pack before it validates any
+prompt, so a workflow saved with ``plms`` loads after a restart) and does nothing outside ComfyUI.
 """
 import logging
-import sys
 
+from ..host import sampling
 from ..samplers.plms import FIRST_STEPS, sample_plms
 
 SAMPLER_NAME = "plms"
@@ -17,45 +17,21 @@ def comfy_sample_plms(model, x, sigmas, extra_args=None, callback=None, disable=
                       first_step="pseudo_improved_euler", eta=0.0, noise_sampler=None):
     """``sample_plms`` with ComfyUI's seeded noise, as stock ancestral samplers build it from ``extra_args``."""
     if eta > 0 and noise_sampler is None:
-        from comfy.k_diffusion.sampling import default_noise_sampler
-
-        noise_sampler = default_noise_sampler(x, seed=(extra_args or {}).get("seed"))
+        noise_sampler = sampling.default_noise_sampler(x, (extra_args or {}).get("seed"))
     return sample_plms(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, order=order,
                        first_step=first_step, eta=eta, noise_sampler=noise_sampler)
 
 
-def register_sampler_name(samplers_module=None, k_sampling_module=None):
-    """Add ``plms`` to ComfyUI's sampler lists once; never replace an existing name or function.
-
-    ``comfy.samplers.ksampler(name)`` resolves ``k_diffusion.sampling.sample_<name>``, so the function goes
-    there; the name goes into ``KSAMPLER_NAMES``, ``SAMPLER_NAMES`` and ``KSampler.SAMPLERS`` (in place: the
-    node schemas hold references to these lists). Returns True when ``plms`` is usable by name.
-    """
-    samplers_module = samplers_module or sys.modules.get("comfy.samplers")
-    k_sampling_module = k_sampling_module or sys.modules.get("comfy.k_diffusion.sampling")
-    if samplers_module is None or k_sampling_module is None:
-        return False  # not inside ComfyUI: nothing to register
-    attr = f"sample_{SAMPLER_NAME}"
-    existing = getattr(k_sampling_module, attr, None)
-    if existing is None:
-        setattr(k_sampling_module, attr, comfy_sample_plms)
-    elif existing is not comfy_sample_plms and getattr(existing, "__name__", "") != comfy_sample_plms.__name__:
-        log.warning("Atelier: comfy.k_diffusion.sampling.%s already exists; keeping it, the stock lists use it", attr)
-    seen = set()
-    for owner, name in ((samplers_module, "KSAMPLER_NAMES"), (samplers_module, "SAMPLER_NAMES"),
-                        (getattr(samplers_module, "KSampler", None), "SAMPLERS")):
-        names = getattr(owner, name, None)
-        if not isinstance(names, list) or id(names) in seen:
-            continue
-        seen.add(id(names))
-        if SAMPLER_NAME not in names:
-            names.append(SAMPLER_NAME)
-    return True
+def register_sampler_name():
+    """Add ``plms`` to ComfyUI's sampler lists once (``host.sampling.register_sampler``: never replaces an
+    existing name or function). True when ``plms`` is usable by name, False outside ComfyUI."""
+    return sampling.register_sampler(SAMPLER_NAME, comfy_sample_plms, log=log)
 
 
 class AtelierPLMSSampler:
     DESCRIPTION = (
-        "PLMS with DDIM transfer (CompVis Stable Diffusion's PLMS): a pseudo improved Euler first step, then "
+        "PLMS with DDIM transfer (CompVis Stable Diffusion's PLMS, the sampler of \"Creative Painting with Latent "
+        "Diffusion Models\"): a pseudo improved Euler first step, then "
         "Adams-Bashforth 2/3/4 on the predicted noise. N steps cost N + 1 model calls. Use with SamplerCustom "
         "or SamplerCustomAdvanced and the ddim_uniform scheduler for the CompVis schedule."
     )
@@ -83,10 +59,8 @@ class AtelierPLMSSampler:
         }
 
     def get_sampler(self, order, first_step, eta):
-        import comfy.samplers
-
         options = {"order": int(order), "first_step": first_step, "eta": float(eta)}
-        return (comfy.samplers.KSAMPLER(comfy_sample_plms, extra_options=options),)
+        return (sampling.ksampler_object(comfy_sample_plms, options),)
 
 
 NODE_CLASS_MAPPINGS = {"AtelierPLMSSampler": AtelierPLMSSampler}

@@ -1,1 +1,2 @@
-"""Sampling maths in the k-diffusion convention (pure torch, no ComfyUI imports)."""
+"""Sampling cores: PLMS, multistage plans, A1111 prompt editing and CLIP guidance, in the k-diffusion convention.
+Pure: no ComfyUI import; the nodes pass ComfyUI's objects in (from ``host/``) as arguments."""

@@ -1,4 +1,4 @@
-"""CLIP guidance for k-diffusion-style denoisers (seed 004, DESIGN.md section 3).
+"""CLIP guidance for k-diffusion-style denoisers ("Generate Stunning Artworks with CLIP Guided Diffusion", 2022).
 
 At every model call the denoised prediction x0 is decoded to pixels (full VAE decoder or TAESD: any
 callable), cut into ``cutn`` random crops, embedded by CLIP, and the gradient of
@@ -12,20 +12,23 @@ sigma_data^2 / (sigma^2 + sigma_data^2), k-diffusion's conditioned denoiser D + 
 
     D'(x, sigma) = D(x, sigma) - w(sigma) * clamp(grad_x0 L),   w = sigma^2 / (sigma^2 + sigma_data^2)
 
-so a guided step costs a plain step + decoder forward/backward + CLIP forward/backward (the benchmark
-target of issue 7), instead of the ~10x of guidance that backpropagates through the UNet (ANCHORS 6.4).
+so a guided step costs a plain step + decoder forward/backward + CLIP forward/backward, instead of the
+~10x of guidance that backpropagates through the UNet (AUTOMATIC1111 PR #5902; see docs/clip_guidance.md).
 w is below 1, so with clamping on, ``clamp_max`` bounds the RMS change of x0 per model call.
 
 Everything runs under ``torch.inference_mode(False)`` on cloned tensors (ComfyUI samples in inference
 mode) and gradients are requested for the latent only (``torch.autograd.grad(..., inputs=[latent])``), so
 weights that happen to have ``requires_grad=True`` never accumulate ``.grad``.
 
-No ComfyUI import here: the decoder, the pixel embedder and the denoiser are plain callables.
+No ComfyUI import here: the decoder, the pixel embedder and the denoiser are plain callables, and the nodes
+pass ComfyUI's objects in from the host (the CFGGuider class to extend, the TAESD files, the VAE, a
+``common.progress.Progress`` for interrupts); see the setup, decoder and guider sections at the end.
 """
 from __future__ import annotations
 
 import copy
 import contextlib
+import logging
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -33,6 +36,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..common.progress import NO_PROGRESS, Progress
+
+log = logging.getLogger(__name__)
 
 LOSS_FNS = ("spherical", "cos_spherical")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -43,9 +50,10 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # ----------------------------------------------------------------------------------------------- options
 @dataclass
 class GuidanceOptions:
-    """Knobs of CLIP guidance; defaults are the seed's (clip-diffusion-art article, 2022).
+    """Knobs of CLIP guidance; defaults are the article's ("Generate Stunning Artworks with CLIP Guided
+    Diffusion", 2022, after clip-diffusion-art).
 
-    The seed multiplies clip/tv/range (not saturation) by ``scale_multiplier`` (50); we keep that so its
+    The article multiplies clip/tv/range (not saturation) by ``scale_multiplier`` (50); we keep that so its
     numbers can be typed in unchanged.
     """
 
@@ -142,7 +150,7 @@ def build_targets(text_embeds: Optional[torch.Tensor] = None, text_weights: Sequ
                   labels: Sequence[str] = ()) -> Targets:
     """Combine text targets (one weight each) and image targets (``image_weight`` shared equally).
 
-    Weights are divided by |sum|, as in the seed, so the clip scale means the same for any number of
+    Weights are divided by |sum|, as in the article, so the clip scale means the same for any number of
     targets; a list whose weights cancel out is refused.
     """
     rows, weights, names = [], [], list(labels)
@@ -170,7 +178,7 @@ def build_targets(text_embeds: Optional[torch.Tensor] = None, text_weights: Sequ
 
 # ----------------------------------------------------------------------------------------------- cutouts
 def _affine_augment(cuts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Seeded, differentiable augmentations like the seed's: flip (p .5), rotation ±15°, shift ±10%, grey (p .15)."""
+    """Seeded, differentiable augmentations like the article's: flip (p .5), rotation ±15°, shift ±10%, grey (p .15)."""
     n = cuts.shape[0]
     dev, dtype = cuts.device, cuts.dtype
     r = torch.rand(n, 5, generator=generator)
@@ -233,7 +241,7 @@ def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def cos_spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The seed's ``cos_spherical``: spherical distance + 0.5 * exp(2 * (1 - cos))."""
+    """The article's ``cos_spherical``: spherical distance + 0.5 * exp(2 * (1 - cos))."""
     cos = F.cosine_similarity(a, b, dim=-1)
     return spherical_distance(a, b) + 0.5 * torch.exp((1 - cos) / 0.5)
 
@@ -260,7 +268,7 @@ def range_loss(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def saturation_loss(pixels: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean absolute excess outside [-1, 1] (the seed's saturation term: an L1 range loss)."""
+    """Per-sample mean absolute excess outside [-1, 1] (the article's saturation term: an L1 range loss)."""
     return (pixels - pixels.clamp(-1, 1)).abs().mean(dim=(1, 2, 3))
 
 
@@ -470,3 +478,205 @@ def make_guided_denoiser(model: Callable, guidance: CLIPGuidance) -> Callable:
         return guidance(model(x, sigma, **extra), sigma)
 
     return guided
+
+
+# ----------------------------------------------------------------------------------------------- setup
+DECODERS = ("taesd", "vae")
+TAESD_URL = "https://github.com/madebyollin/taesd (file taesd_decoder.safetensors for SD1.x)"
+
+
+@dataclass(frozen=True)
+class TaesdFiles:
+    """Where the TAESD decoders come from, as the host sees ComfyUI's ``models/vae_approx``: the file names
+    there, the folder paths (for messages), a safe loader (file name -> state dict) and an empty TAESD for a
+    latent channel count."""
+
+    names: Callable[[], Sequence[str]]
+    folders: Callable[[], Sequence[str]]
+    load: Callable[[str], dict]
+    new_taesd: Callable[[int], torch.nn.Module]
+
+
+@dataclass
+class GuidanceSetup:
+    """Everything a guided run needs except the model-dependent parts built at sampling time (the decoder
+    for the model's latent format, the embedder, the sigma schedule)."""
+
+    clip: object
+    targets: Targets
+    options: GuidanceOptions
+    decoder: str
+    vae: object = None
+    report: str = ""
+    taesd: Optional[TaesdFiles] = None
+
+    def start(self, latent_format, channels: int, device, sigmas, seed) -> "CLIPGuidance":
+        """The guidance of one sampling run: decoder for ``latent_format`` on ``device``, embedder, schedule."""
+        if channels != latent_format.latent_channels:
+            raise ValueError(f"latent has {channels} channels, the model expects {latent_format.latent_channels}")
+        if self.decoder == "taesd":
+            decode = taesd_decoder(latent_format, device, self.taesd)
+        else:
+            decode = vae_decoder(self.vae, latent_format, device)
+        return CLIPGuidance(make_pixel_embedder(self.clip), self.clip.image_size, self.targets, decode, self.options,
+                            sigmas=sigmas, seed=seed or 0)
+
+
+def build_setup(clip, text_targets, decoder, vae=None, neighbors=None, style_weight=1.0, decoder_checkpoint="auto",
+                taesd=None, **knobs) -> GuidanceSetup:
+    """Validate the nodes' inputs and embed the targets once (not per step); ``knobs`` are GuidanceOptions
+    fields. ``taesd`` says where TAESD files are found (needed for ``decoder = 'taesd'`` at sampling time)."""
+    if clip is None or not hasattr(clip, "encode_text"):
+        raise ValueError("connect an ATELIER_CLIP (Atelier open_clip Loader) to the 'clip' input")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}")
+    if decoder == "vae" and vae is None:
+        raise ValueError("decoder = 'vae' needs the 'vae' input connected (or choose decoder = 'taesd')")
+    ckpt = {"on": True, "off": False}.get(decoder_checkpoint, decoder == "vae")
+    options = GuidanceOptions(decoder_checkpoint=ckpt, **knobs).validate()
+    pairs = parse_weighted_prompts(text_targets)
+    text_embeds = clip.encode_text([p for p, _ in pairs]).float().cpu() if pairs else None
+    image_embeds = None
+    if neighbors is not None:
+        image_embeds = _neighbor_embeddings(clip, neighbors)
+    targets = build_targets(text_embeds, [w for _, w in pairs], image_embeds, style_weight,
+                            labels=[p for p, _ in pairs])
+    report = "CLIP guidance targets ({}): ".format(getattr(clip, "name", "clip")) + ", ".join(
+        f"{name} ({w:+.3f})" for name, w in zip(targets.labels, targets.weights.tolist()))
+    return GuidanceSetup(clip, targets, options, decoder, vae, report, taesd)
+
+
+def _neighbor_embeddings(clip, neighbors):
+    emb = getattr(neighbors, "embeddings", None)
+    if emb is None or len(emb) == 0:
+        raise ValueError("the connected ATELIER_NEIGHBORS holds no embeddings: retrieve at least one neighbour")
+    if emb.shape[-1] != clip.dim:
+        raise ValueError(
+            f"the style neighbours are {emb.shape[-1]}-d embeddings but the CLIP model '{clip.name}' is {clip.dim}-d: "
+            "load the open_clip model the style database was built with")
+    n_hash, c_hash = getattr(neighbors, "embedder_hash", None), getattr(clip, "weights_hash", None)
+    if n_hash and c_hash and n_hash != c_hash:
+        raise ValueError(
+            f"the style neighbours were embedded with '{getattr(neighbors, 'embedder_name', '?')}' ({n_hash}) but the "
+            f"guidance CLIP is '{clip.name}' ({c_hash}): their spaces differ; load the database's model")
+    return emb.float().cpu()
+
+
+# ----------------------------------------------------------------------------------------------- decoders
+def taesd_file(latent_format, files: TaesdFiles) -> str:
+    """The vae_approx file name of the TAESD decoder for the model's latent format (what ComfyUI's previews
+    load); the errors say which file to download and where to put it."""
+    name = getattr(latent_format, "taesd_decoder_name", None)
+    if name is None:
+        raise ValueError(f"ComfyUI has no TAESD for this model's latent format ({type(latent_format).__name__}): "
+                         "choose decoder = 'vae' and connect its VAE")
+    found = [f for f in files.names() if f.startswith(name + ".")]
+    if not found:
+        folders = ", ".join(files.folders())
+        raise FileNotFoundError(
+            f"TAESD decoder '{name}.safetensors' not found in models/vae_approx ({folders}). Download it from "
+            f"{TAESD_URL} into that folder, or choose decoder = 'vae'.")
+    return found[0]
+
+
+def taesd_decoder(latent_format, device, files: TaesdFiles) -> Callable:
+    """TAESD decoder for the model's latent space (model-space latent -> pixels in [-1, 1], scale 1 and shift 0
+    as for previews), loaded and built outside inference mode so autograd can go through it."""
+    if files is None:
+        raise ValueError("decoder = 'taesd' needs the host's TAESD files (TaesdFiles); or choose decoder = 'vae'")
+    name = taesd_file(latent_format, files)
+    with torch.inference_mode(False):
+        sd = files.load(name)
+        first = sd.get("1.weight")
+        channels = latent_format.latent_channels
+        if first is None or first.shape[1] != channels:
+            got = None if first is None else first.shape[1]
+            raise ValueError(f"'{name}' decodes {got}-channel latents but the model's latents have {channels} "
+                             "channels: use the TAESD made for this model family, or decoder = 'vae'")
+        taesd = files.new_taesd(channels)
+        taesd.taesd_decoder.load_state_dict(sd)
+        taesd.taesd_encoder = None  # only decoding is needed
+        taesd.requires_grad_(False)
+        taesd = taesd.to(device=device, dtype=torch.float32)
+
+    def decode(latent):
+        return taesd.decode(latent.float())
+
+    decode.net = taesd
+    return decode
+
+
+def vae_decoder(vae, latent_format, device) -> Callable:
+    """Grad-ready copy of a ComfyUI VAE's decoder (its weights are inference tensors): model-space latent ->
+    pixels in [-1, 1]."""
+    channels = latent_format.latent_channels
+    if getattr(vae, "latent_channels", channels) != channels:
+        raise ValueError(f"the VAE takes {vae.latent_channels}-channel latents but the model makes {channels}-channel "
+                         "ones: connect the VAE of the same model family")
+    if getattr(vae, "latent_dim", 2) != 2:
+        raise ValueError("CLIP guidance needs an image VAE (2-D latents), not a video or audio VAE")
+    dtype = getattr(vae, "vae_dtype", torch.float32)
+    net = grad_ready_copy(vae.first_stage_model, skip=("encoder", "taesd_encoder")).to(device=device, dtype=dtype)
+
+    def decode(latent):
+        raw = latent_format.process_out(latent)
+        return net.decode(raw.to(dtype)).float()
+
+    decode.net = net
+    return decode
+
+
+# ----------------------------------------------------------------------------------------------- guider
+class CLIPGuidedCFG:
+    """Mixed into ComfyUI's CFGGuider by :func:`guider_class`: CFG (positive/negative) whose combined denoised
+    prediction is CLIP-guided at every model call, so every SAMPLER (PLMS included) is guided.
+
+    Guidance acts on the CFG-combined prediction, i.e. on the conditional direction: applying it to the
+    unconditional branch would be multiplied by (1 - cfg) and push *away* from the target (the bug diffusers'
+    CLIP-guided pipeline had, huggingface/diffusers#596). ``progress.check_interrupt()`` runs before every
+    guided call, so a cancel stops the run between model calls.
+    """
+
+    def __init__(self, model_patcher, setup: GuidanceSetup, progress: Progress = NO_PROGRESS):
+        super().__init__(model_patcher)
+        self.setup, self.progress = setup, progress
+        self.guidance = None
+
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar,
+                     seed, *args, **kwargs):
+        self.guidance = self.setup.start(self.inner_model.latent_format, noise.shape[1], device, sigmas, seed)
+        try:
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                        disable_pbar, seed, *args, **kwargs)
+        finally:
+            if self.guidance.last:
+                log.info("Atelier CLIP guidance, last guided call: %s", self.guidance.last)
+            self.guidance = None  # frees the decoder copy
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        denoised = super().predict_noise(x, timestep, model_options, seed)
+        if self.guidance is None:
+            return denoised
+        self.progress.check_interrupt()
+        return self.guidance(denoised, timestep)
+
+
+_GUIDER_CLASSES = {}
+
+
+def guider_class(cfg_guider: type) -> type:
+    """The CLIP-guided subclass of ComfyUI's CFGGuider (``cfg_guider``, from the host), made once per base."""
+    cls = _GUIDER_CLASSES.get(cfg_guider)
+    if cls is None:
+        cls = _GUIDER_CLASSES[cfg_guider] = type("AtelierCLIPGuiderObject", (CLIPGuidedCFG, cfg_guider), {})
+    return cls
+
+
+def make_guider(cfg_guider: type, model, positive, negative, cfg, progress: Progress = NO_PROGRESS,
+                taesd: Optional[TaesdFiles] = None, **inputs):
+    """A CLIP-guided GUIDER from the nodes' inputs (``inputs``: see :func:`build_setup`); its ``setup.report``
+    lists the targets and their normalised weights."""
+    guider = guider_class(cfg_guider)(model, build_setup(taesd=taesd, **inputs), progress)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider

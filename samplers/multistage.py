@@ -1,4 +1,5 @@
-"""Multistage conditioning plans (seed 003): prompt i is the positive conditioning on exactly s_i steps.
+"""Multistage conditioning plans ("Multistage guidance on the diffusion model inspired by human artists'
+creative thinking", FITEE 2023): prompt i is the positive conditioning on exactly s_i steps.
 
 ComfyUI gates a conditioning entry by the σ the model is evaluated at: an entry with ``start_percent``
 / ``end_percent`` is active while ``percent_to_sigma(end) <= σ <= percent_to_sigma(start)``, where
@@ -6,8 +7,9 @@ ComfyUI gates a conditioning entry by the σ the model is evaluated at: an entry
 σ schedule we put a σ threshold strictly between σ_{a-1} and σ_a (and between σ_{b-1} and σ_b) and
 convert it back to a percent by inverting the model's monotone ``percent_to_sigma`` by bisection.
 
-This module is pure Python (no ComfyUI, no torch): the node passes the real schedule and the model's
-``percent_to_sigma``; tests pass hand-made ones.
+This module is pure Python (no ComfyUI, no torch): the node gets the real schedule and the model's
+``percent_to_sigma`` from the host, wraps them in a :class:`Schedule` and calls one of the ``plan_*``
+functions at the end of this module; tests pass hand-made ones.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import math
 import struct
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
+
+from . import prompt_editing as editing
 
 #: Where a threshold sits between two consecutive σ, as a fraction of the log gap measured from the
 #: lower σ. 0.5 would be the geometric mean; 0.25 keeps the threshold clear of the log-midpoint that
@@ -54,6 +58,12 @@ class MultistagePlan:
     @property
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
+
+    def ranges(self) -> list:
+        """(stage index, {"start_percent", "end_percent"}) of every stage that gets steps, in order: the
+        values the node sets on that stage's conditioning (a zero-step stage is left out)."""
+        return [(st.index, {"start_percent": st.start_percent, "end_percent": st.end_percent})
+                for st in self.stages if st.steps]
 
 
 def _f32(x: float) -> float:
@@ -130,7 +140,8 @@ def check_stage_steps(counts: Sequence, total: int, scale: bool = False) -> list
     if lost:
         raise MultistageError(
             f"scaling {listed} to {total} steps leaves stage(s) {lost} with no step "
-            f"({sum(1 for c in ints if c > 0)} non-empty stages, {total} steps); give them more steps or raise the total"
+            f"({sum(1 for c in ints if c > 0)} non-empty stages, {total} steps); give them more steps or raise "
+            "the total"
         )
     return out
 
@@ -187,13 +198,24 @@ def plan_stages(sigmas: Sequence[float], counts: Sequence[int],
     if not 0.0 < log_position < 1.0:
         raise MultistageError(f"log_position must be strictly between 0 and 1, got {log_position}")
 
-    step_stage = []
-    for k, c in enumerate(counts):
-        step_stage.extend([k] * c)
+    step_stage = [k for k, c in enumerate(counts) for _ in range(c)]
+    thresholds = _thresholds(s, step_stage, percent_to_sigma, log_position)
+    stages = _stage_ranges(counts, thresholds, n, percent_to_sigma)
+    plan = MultistagePlan(tuple(s), tuple(stages), tuple(step_stage))
+    bad = verify_plan(plan, percent_to_sigma)
+    if bad:
+        step, seen = bad[0]
+        raise MultistageError(
+            f"internal check failed: step {step + 1} (sigma {s[step]:.6g}) would see stages {seen} "
+            f"instead of stage {step_stage[step] + 1}; please report this schedule"
+        )
+    return plan
 
-    # one threshold per internal boundary step b (stage changes between step b-1 and step b)
+
+def _thresholds(s: list, step_stage: list, percent_to_sigma, log_position: float) -> dict:
+    """{boundary step b: (percent, its σ)} for every step b where the stage changes (between steps b-1 and b)."""
     thresholds = {}
-    for b in range(1, n):
+    for b in range(1, len(s) - 1):
         if step_stage[b] == step_stage[b - 1]:
             continue
         high, low = s[b - 1], s[b]
@@ -212,7 +234,11 @@ def plan_stages(sigmas: Sequence[float], counts: Sequence[int],
                 f"outside what this model's sampling can map (non-discrete or mismatched model sampling)"
             )
         thresholds[b] = (p, float(percent_to_sigma(p)))
+    return thresholds
 
+
+def _stage_ranges(counts: list, thresholds: dict, n: int, percent_to_sigma) -> list:
+    """One StagePlan per stage: the first starts at percent 0, the last ends at 1, the others at thresholds."""
     stages = []
     first = 0
     for k, c in enumerate(counts):
@@ -230,16 +256,7 @@ def plan_stages(sigmas: Sequence[float], counts: Sequence[int],
             ep, es = thresholds[stop]
         stages.append(StagePlan(k, c, first, stop, sp, ep, ss, es))
         first = stop
-
-    plan = MultistagePlan(tuple(s), tuple(stages), tuple(step_stage))
-    bad = verify_plan(plan, percent_to_sigma)
-    if bad:
-        step, seen = bad[0]
-        raise MultistageError(
-            f"internal check failed: step {step + 1} (sigma {s[step]:.6g}) would see stages {seen} "
-            f"instead of stage {step_stage[step] + 1}; please report this schedule"
-        )
-    return plan
+    return stages
 
 
 def _gates(plan: MultistagePlan, percent_to_sigma: Callable[[float], float]) -> list:
@@ -326,3 +343,147 @@ def parse_stage_lines(text: str) -> list:
     if not stages:
         raise MultistageError("no stages given; write one stage per line, e.g. `8: A Chinese dragon` then `12: A fish`")
     return stages
+
+
+# ----------------------------------------------------------------------------------------- what the nodes call
+@dataclass(frozen=True)
+class Schedule:
+    """What a node learns from the host before planning: the σ the sampler evaluates and the model's map.
+
+    ``where`` says how the schedule was made (for the table and for messages); ``asked_steps`` is the
+    node's steps input when the schedule came from sampler/scheduler/steps/denoise (None for a SIGMAS input),
+    so a scheduler that runs another number of steps than asked can be named in the error.
+    """
+
+    sigmas: tuple
+    percent_to_sigma: Optional[Callable[[float], float]]
+    sampling_name: str = "model sampling"
+    where: str = "custom SIGMAS input"
+    asked_steps: Optional[int] = None
+    scheduler: str = ""
+    denoise: float = 1.0
+
+    @classmethod
+    def custom(cls, sigmas, percent_to_sigma, sampling_name) -> "Schedule":
+        """A SIGMAS input (a tensor or any sequence of numbers) as given."""
+        return cls(_floats(sigmas), percent_to_sigma, sampling_name)
+
+    @classmethod
+    def from_settings(cls, sigmas, percent_to_sigma, sampling_name, sampler_name, scheduler, steps,
+                      denoise) -> "Schedule":
+        """The schedule the stock KSampler computed for these settings."""
+        where = f"{sampler_name}, {scheduler}, steps {steps}, denoise {denoise:g}"
+        return cls(_floats(sigmas), percent_to_sigma, sampling_name, where, int(steps), scheduler, float(denoise))
+
+
+def _floats(values) -> tuple:
+    if hasattr(values, "flatten"):  # a tensor (no torch import here)
+        values = values.flatten().tolist()
+    return tuple(float(v) for v in values)
+
+
+def check_sampler_choice(sampler_name, scheduler, samplers, schedulers):
+    """Refuse a sampler or scheduler ComfyUI does not know (its KSampler would silently use another one)."""
+    if sampler_name not in samplers:
+        raise MultistageError(f"Multistage: unknown sampler {sampler_name!r}; pick one of the sampler list")
+    if scheduler not in schedulers:
+        raise MultistageError(f"Multistage: unknown scheduler {scheduler!r}; pick one of {list(schedulers)}")
+
+
+def checked_percent_to_sigma(schedule: Schedule) -> Callable[[float], float]:
+    """The model's percent -> σ map, refused when missing or not decreasing (no exact range is possible)."""
+    fn, name = schedule.percent_to_sigma, schedule.sampling_name
+    if fn is None:
+        raise MultistageError(f"Multistage: this model's sampling ({name}) has no percent_to_sigma, so step ranges "
+                              "cannot be mapped to ComfyUI conditioning ranges")
+    probe = [float(fn(p / 16.0)) for p in range(1, 16)]
+    if any(b > a for a, b in zip(probe, probe[1:])) or probe[0] == probe[-1]:
+        raise MultistageError(f"Multistage: this model's sampling ({name}) maps percent to sigma non-monotonically "
+                              f"({probe[0]:.4g} .. {probe[-1]:.4g}), so exact step ranges cannot be computed")
+    return fn
+
+
+def plan_multistage(schedule: Schedule, counts: Sequence, labels: Sequence[str], scale: bool = False):
+    """(plan, step table) for stages of ``counts`` steps on ``schedule``, before any prompt is encoded (so bad
+    input fails fast). ``scale`` spreads counts that do not sum to the steps run (see check_stage_steps)."""
+    sig = list(schedule.sigmas)
+    n = len(sig) - 1
+    if n < 1:
+        raise MultistageError(f"Multistage: the sampler would run no step ({schedule.where}); raise steps or denoise")
+    note = ""
+    if schedule.asked_steps is not None and n != schedule.asked_steps:
+        note = (f" (ComfyUI's {schedule.scheduler} scheduler turns steps={schedule.asked_steps} into {n} sampling "
+                f"steps{' at this denoise' if schedule.denoise < 0.9999 else ''})")
+    try:
+        final_counts = check_stage_steps(counts, n, scale=scale)
+    except MultistageError as e:
+        raise MultistageError(f"Multistage: {e}{note}") from None
+    p2s = checked_percent_to_sigma(schedule)
+    try:
+        plan = plan_stages(sig, final_counts, p2s)
+    except MultistageError as e:
+        raise MultistageError(f"Multistage ({schedule.sampling_name}, {schedule.where}): {e}") from None
+    header = f"Multistage plan: {n} steps ({schedule.where}); model sampling {schedule.sampling_name}{note}"
+    if list(final_counts) != [int(c) for c in counts]:
+        header += f"\nstage steps scaled from {list(counts)} to {final_counts}"
+    return plan, format_plan(plan, labels, header)
+
+
+def plan_stage_text(text: str, schedule: Schedule, scale: bool = False):
+    """The text mode (``8: A Chinese dragon`` per line): (stage prompts, plan, step table)."""
+    try:
+        parsed = parse_stage_lines(text)
+    except MultistageError as e:
+        raise MultistageError(f"Multistage: {e}") from None
+    texts = [p for _, p in parsed]
+    plan, table = plan_multistage(schedule, [c for c, _ in parsed], texts, scale)
+    return texts, plan, table
+
+
+def collect_stages(previous, given) -> tuple:
+    """A stage list: ``previous`` stages, then the connected (conditioning, steps) pairs of ``given`` as
+    (conditioning, steps, label). An unconnected conditioning must have 0 steps."""
+    stages = list(previous or ())
+    for k, (cond, n) in enumerate(given, 1):
+        if cond is None:
+            if n:
+                raise MultistageError(f"Stage list: steps_{k} is {n} but conditioning_{k} is not connected; connect "
+                                      f"it or set steps_{k} to 0")
+            continue
+        stages.append((cond, int(n), f"stage {len(stages) + 1} (conditioning_{k})"))
+    return tuple(stages)
+
+
+def check_no_range(cond, what: str):
+    """Refuse a conditioning that already carries a timestep range: the plan sets the ranges itself."""
+    for entry in cond:
+        d = entry[1]
+        if d.get("start_percent", 0.0) != 0.0 or d.get("end_percent", 1.0) != 1.0:
+            raise MultistageError(
+                f"Multistage: {what} already has a timestep range (start_percent={d.get('start_percent', 0.0)}, "
+                f"end_percent={d.get('end_percent', 1.0)}); remove ConditioningSetTimestepRange before this node, "
+                "the node sets the ranges itself")
+
+
+def plan_stage_list(stages, schedule: Schedule, scale: bool = False):
+    """A stage list (see :func:`collect_stages`): (stage conditionings, plan, step table)."""
+    if not stages:
+        raise MultistageError("Multistage: the stage list is empty; connect at least one conditioning")
+    for cond, _, label in stages:
+        check_no_range(cond, label)
+    plan, table = plan_multistage(schedule, [n for _, n, _ in stages], [label for _, _, label in stages], scale)
+    return [c for c, _, _ in stages], plan, table
+
+
+def plan_prompt_editing(text: str, counting: str, schedule: Schedule):
+    """AUTOMATIC1111 prompt editing on the steps the sampler runs: (the prompt of every stage, plan, table)."""
+    n = len(schedule.sigmas) - 1
+    if n < 1:
+        raise MultistageError("Prompt editing: the sampler would run no step; raise steps or denoise")
+    try:
+        stages = editing.prompt_stages(text, n, counting)
+    except editing.PromptEditingError as e:
+        raise MultistageError(f"Prompt editing: {e}") from None
+    texts = [t for t, _ in stages]
+    plan, table = plan_multistage(schedule, [c for _, c in stages], [repr(t) for t in texts])
+    return texts, plan, table

@@ -1,4 +1,5 @@
-"""PLMS with DDIM transfer (seed 000, Algorithm 1) in ComfyUI's σ-space.
+"""PLMS with DDIM transfer in ComfyUI's σ-space: the sampler of "Creative Painting with Latent Diffusion Models"
+(arXiv 2209.14697, Algorithm 1), which is CompVis Stable Diffusion's PLMS.
 
 With x = x0 + σ·ε and ᾱ = 1/(1+σ²), a deterministic DDIM step from σ to σ' is exactly
 x' = x + (σ'−σ)·ε̂ with ε̂ = (x − D(x, σ))/σ. PLMS replaces ε̂ by an Adams–Bashforth combination of the
@@ -91,7 +92,7 @@ def _eps(model, x, sigma, s_in, extra_args, step, steps):
 @torch.no_grad()
 def sample_plms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4,
                 first_step="pseudo_improved_euler", eta=0.0, noise_sampler=None):
-    """PLMS with DDIM transfer (Rombach et al. 2021 code, seed 000 Algorithm 1), k-diffusion convention.
+    """PLMS with DDIM transfer (Rombach et al. 2021 code; Algorithm 1 of arXiv 2209.14697), k-diffusion convention.
 
     Step 1 is a pseudo improved Euler step (one extra model call: N steps cost N + 1 calls) or, with
     ``first_step="euler"``, a plain DDIM step. Later steps use Adams–Bashforth of order

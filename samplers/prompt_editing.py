@@ -17,7 +17,7 @@ Step counting. A1111 evaluates the prompt for step index i (0-based) with ``i <=
 ``from``, except that step 0 is treated as step 1, so ``[a:b:8]`` at 20 steps gives ``a`` on 9 steps
 (the off-by-one users report in AUTOMATIC1111/stable-diffusion-webui#7279). ``counting="a1111"``
 reproduces that exactly; ``counting="exact"`` makes ``when`` the number of steps of ``from``
-(``[a:b:8]`` = 8 steps of ``a`` + 12 of ``b``, the seed-003 reading).
+(``[a:b:8]`` = 8 steps of ``a`` + 12 of ``b``, the multistage-guidance paper's reading).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Model files for the CLIP-guidance workflows and host tests (random weights, written where users put them):
 
-- models/open_clip/atelier_cg_tiny.safetensors + its open_clip config (retrieval.testing's tiny ViT);
+- models/open_clip/atelier_cg_tiny.safetensors + its open_clip config (tests/fixtures/tiny_clip.py's tiny ViT);
 - models/vae_approx/taesd_decoder.safetensors and taesd_encoder.safetensors (ComfyUI's TAESD classes), and a
   16-channel taesd3 pair (a decoder of the wrong latent format, for the bad-input test);
 - models/atelier_style_db/atelier_cg_tiny_db (12 generated paintings embedded with the tiny CLIP);
-- the SwinIR file the seed workflow names (issue 5's tiny writer).
+- the SwinIR file clip_guided_swinir.json names (the upscale tests' tiny writer).
 
 The TAESD files are written by ComfyUI's own Python so the layouts are ComfyUI's, not copies.
 """
@@ -58,7 +58,7 @@ def _write_comfy_models(server, models):
 
 
 def _write_swinir(models):
-    from atelier.tests.fixtures.tiny_swinir import DEFAULT_FILE, write_tiny_swinir  # issue 5's tiny SwinIR (also used by its preparer)
+    from atelier.tests.fixtures.tiny_swinir import DEFAULT_FILE, write_tiny_swinir  # also used by prepare_upscale
 
     folder = models / "upscale_models"
     folder.mkdir(parents=True, exist_ok=True)

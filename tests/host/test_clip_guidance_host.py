@@ -71,7 +71,7 @@ def test_guided_ksampler_runs(comfy_server, arch, decoder):
 def test_guider_with_sampler_custom_advanced(comfy_server, arch):
     info = comfy_server.object_info()
     samplers = info["KSamplerSelect"]["input"]["required"]["sampler_name"][0]
-    sampler = "plms" if "plms" in samplers else "dpmpp_2m"  # PLMS when issue 3's sampler is installed
+    sampler = "plms" if "plms" in samplers else "dpmpp_2m"  # PLMS when the pack registered it
     graph = base_graph(arch)
     graph.update({
         "10": {"class_type": "AtelierCLIPGuider", "inputs": {

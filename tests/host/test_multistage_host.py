@@ -1,7 +1,7 @@
 """Multistage conditioning inside a real ComfyUI: every step is guided by exactly its planned stage.
 
-Thousands of sampling runs, so not through HTTP: ``bench/bench_multistage.py`` runs in a subprocess with
-ComfyUI's python, samples in-process with ``comfy.sample.sample`` on a tiny SD1.5-shaped model whose UNet
+Thousands of sampling runs, so not through HTTP: ``python -m bench.bench_multistage`` runs in a subprocess
+with ComfyUI's python, samples in-process with ``comfy.sample.sample`` on a tiny SD1.5-shaped model whose UNet
 call is a recording wrapper (returns zeros), and writes its figures as JSON. The plan comes from the pack's
 own node (``AtelierMultistageFromStages``), so node + core + ComfyUI's gating are tested together.
 The last test goes through the shared server fixture instead: text and prompt-editing nodes with a real
@@ -18,7 +18,6 @@ import pytest
 from atelier.runner.server import find_comfyui, find_python
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench" / "bench_multistage.py"
 SAMPLERS = "euler,ipndm,dpmpp_2m,plms"
 PLMS_IN_PACK = (ROOT / "nodes" / "plms.py").exists()
 
@@ -29,8 +28,8 @@ def run_harness(tmp_path, name, *args, timeout=1800):
     comfy = find_comfyui()
     out = tmp_path / f"{name}.json"
     env = dict(os.environ, COMFYUI_PATH=str(comfy), ATELIER_FORCE_CPU="1")
-    proc = subprocess.run([find_python(comfy), str(BENCH), "--json", str(out), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([find_python(comfy), "-m", "bench.bench_multistage", "--json", str(out), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
     sys.stdout.write(proc.stdout)
     assert out.exists(), f"harness failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())

@@ -2,18 +2,14 @@
 with a tiny random open_clip, a toy decoder and the analytic Gaussian denoiser, all built inside
 ``torch.inference_mode()`` as ComfyUI builds its models."""
 import math
-import sys
-import pathlib
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from atelier.tests.fixtures.clip_guidance_toys import (  # noqa: E402
+from atelier.samplers import clip_guidance as cg
+from atelier.tests.fixtures.clip_guidance_toys import (
     TinyClip, ToyDecoder, gaussian_denoiser, karras_sigmas, sample_euler,
 )
-
-from atelier.samplers import clip_guidance as cg  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------- fixtures
@@ -243,7 +239,7 @@ def test_guided_samples_end_closer_to_the_target(comfy_like, target):
         with torch.no_grad():
             return cg.spherical_distance(clip.encode_image(((plain_dec(latent) + 1) / 2).clamp(0, 1)), goal[0])
 
-    small = dict(cutn=4, cut_batches=1)  # the seed's defaults otherwise (scales, clamp 0.05, augmentations)
+    small = dict(cutn=4, cut_batches=1)  # the article's defaults otherwise (scales, clamp 0.05, augmentations)
     unguided = distance(_sample(_guidance(clip, decoder, goal, sigmas, clip_scale=0.0, **small), x_T, sigmas))
     guided = distance(_sample(_guidance(clip, decoder, goal, sigmas, **small), x_T, sigmas))
     assert (guided < unguided - 0.005).all(), (guided, unguided)
@@ -321,6 +317,7 @@ def test_no_weight_gradients_accumulate():
 def test_non_finite_gradient_is_reported(comfy_like):
     clip, _, text = comfy_like
     g = cg.CLIPGuidance(cg.make_pixel_embedder(clip), 32, cg.build_targets(text[:1], [1.0]),
-                        lambda z: (z[:, :3] * float("nan")).repeat(1, 1, 4, 4), cg.GuidanceOptions(cutn=2, cut_batches=1))
+                        lambda z: (z[:, :3] * float("nan")).repeat(1, 1, 4, 4),
+                        cg.GuidanceOptions(cutn=2, cut_batches=1))
     with pytest.raises(FloatingPointError, match="NaN/inf pixels"):
         g.loss_grad(torch.randn(1, 4, 8, 8))

@@ -289,3 +289,59 @@ def test_verify_plan_reports_a_naive_plan():
     expected_first_b = next(i for i, s in enumerate(sig) if s < MODEL.percent_to_sigma(5 / 20))
     assert expected_first_b != 5
     assert bad and all(step in range(min(5, expected_first_b), max(5, expected_first_b)) for step, _ in bad)
+
+
+# ------------------------------------------------------------------ the front-ends the nodes call
+
+def test_plan_multistage_names_the_scheduler_that_changed_the_step_count():
+    """ddim_uniform-like: steps=6 asked, 7 run; the sum error says how many steps really run and why."""
+    sig = normal(7)
+    schedule = ms.Schedule.from_settings(torch.tensor(sig), MODEL.percent_to_sigma, "ModelSamplingDiscrete",
+                                         "euler", "ddim_uniform", 6, 1.0)
+    assert schedule.sigmas == tuple(sig) and schedule.where == "euler, ddim_uniform, steps 6, denoise 1"
+    with pytest.raises(ms.MultistageError, match=r"sum to 6 .* runs 7 steps;.* \(ComfyUI's ddim_uniform "
+                                                 r"scheduler turns steps=6 into 7 sampling steps\)"):
+        ms.plan_multistage(schedule, [3, 3], ["a", "b"])
+    plan, table = ms.plan_multistage(schedule, [3, 4], ["a", "b"])
+    assert plan.step_stage == (0, 0, 0, 1, 1, 1, 1)
+    assert table.splitlines()[0] == ("Multistage plan: 7 steps (euler, ddim_uniform, steps 6, denoise 1); model "
+                                     "sampling ModelSamplingDiscrete (ComfyUI's ddim_uniform scheduler turns "
+                                     "steps=6 into 7 sampling steps)")
+    custom = ms.Schedule.custom(sig, MODEL.percent_to_sigma, "ModelSamplingDiscrete")
+    assert "custom SIGMAS input" in ms.plan_multistage(custom, [3, 4], ["a", "b"])[1].splitlines()[0]
+
+
+def test_plan_ranges_are_what_the_node_sets():
+    sig = karras(10, MODEL.sigma_min, MODEL.sigma_max)
+    plan, _ = ms.plan_multistage(ms.Schedule.custom(sig, MODEL.percent_to_sigma, "sd"), [4, 0, 6], ["a", "b", "c"])
+    ranges = plan.ranges()
+    assert [k for k, _ in ranges] == [0, 2]  # the zero-step stage is left out
+    assert ranges[0][1]["start_percent"] == 0.0 and ranges[1][1]["end_percent"] == 1.0
+    assert ranges[0][1]["end_percent"] == ranges[1][1]["start_percent"] == plan.stages[0].end_percent
+
+
+def test_model_mapping_is_checked_before_planning():
+    sig = karras(10, MODEL.sigma_min, MODEL.sigma_max)
+    with pytest.raises(ms.MultistageError, match=r"\(Flux\) has no percent_to_sigma"):
+        ms.plan_multistage(ms.Schedule.custom(sig, None, "Flux"), [10], ["a"])
+    with pytest.raises(ms.MultistageError, match="non-monotonically"):
+        ms.plan_multistage(ms.Schedule.custom(sig, lambda p: p, "odd"), [10], ["a"])
+    with pytest.raises(ms.MultistageError, match="would run no step"):
+        ms.plan_multistage(ms.Schedule.custom([1.0], MODEL.percent_to_sigma, "sd"), [1], ["a"])
+
+
+def test_sampler_choice_must_be_known():
+    ms.check_sampler_choice("euler", "karras", ["euler"], ["karras"])
+    with pytest.raises(ms.MultistageError, match="unknown sampler 'eulr'"):
+        ms.check_sampler_choice("eulr", "karras", ["euler"], ["karras"])
+    with pytest.raises(ms.MultistageError, match=r"unknown scheduler 'karas'; pick one of \['karras'\]"):
+        ms.check_sampler_choice("euler", "karas", ["euler"], ["karras"])
+
+
+def test_collect_stages_labels_and_refuses_steps_without_conditioning():
+    first = ms.collect_stages(None, [("c1", 4), ("c2", 6), (None, 0), (None, 0)])
+    both = ms.collect_stages(first, [("c3", 10.0), (None, 0)])
+    assert both == (("c1", 4, "stage 1 (conditioning_1)"), ("c2", 6, "stage 2 (conditioning_2)"),
+                    ("c3", 10, "stage 3 (conditioning_1)"))
+    with pytest.raises(ms.MultistageError, match="steps_3 is 2 but conditioning_3 is not connected"):
+        ms.collect_stages(None, [("c1", 4), (None, 0), (None, 2)])

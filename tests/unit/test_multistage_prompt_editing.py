@@ -31,7 +31,7 @@ def test_matches_a1111_schedules(prompt, expected):
 
 
 @pytest.mark.parametrize("prompt, steps, counting, expected", [
-    # seed 003's example: A1111 counts from step index 0 with `i <= when`, so 8 gives 9 steps
+    # the multistage paper's example: A1111 counts from step index 0 with `i <= when`, so 8 gives 9 steps
     ("[A Chinese dragon:A fish:8]", 20, "a1111", [("A Chinese dragon", 9), ("A fish", 11)]),
     ("[A Chinese dragon:A fish:8]", 20, "exact", [("A Chinese dragon", 8), ("A fish", 12)]),
     ("[A Chinese dragon:A fish:0.4]", 20, "exact", [("A Chinese dragon", 8), ("A fish", 12)]),

@@ -160,7 +160,7 @@ def write_lang(root, lang, flat, sources, order):
     for name, tree in unflatten(flat, order).items():
         if tree or (folder / f"{name}.json").is_file():
             changed |= _write(folder / f"{name}.json", tree)
-    if sources is not None:
+    if sources is not None and (sources or (folder / SOURCES).is_file()):
         changed |= _write(folder / SOURCES, {k: sources[k] for k in order if k in sources})
     return changed
 
@@ -196,7 +196,9 @@ def sync(root=ROOT, en=None):
     """Write locales/en from the schemas; drop translations (and their sources) of strings that are gone."""
     en = english(root) if en is None else en
     order = list(flatten(en))
-    changed = ["locales/en"] if write_lang(root, "en", flatten(en), None, order) else []
+    changed = []
+    if any([_write(root / "locales" / "en" / f"{name}.json", en[name]) for name in FILES]):
+        changed.append("locales/en")
     for lang in TRANSLATIONS:
         flat, sources = read_lang(root, lang), read_sources(root, lang)
         for key in [k for k in flat if k not in set(order)]:

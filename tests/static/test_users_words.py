@@ -3,8 +3,8 @@
 Checked: every node's display name, description and tooltips; every workflow's file name, notes, node and group
 titles; README.md, docs/, the help pages (web/docs) and the translations (locales/); the strings of the
 command-line tools. None may say "seed 000" ... "seed 004" or "(seed: 5000)" (name the paper, or "the article's
-value"), cite design notes that are not in the repository (DESIGN.md, COMMON.md, ANCHORS.md), or talk about how
-the project was made (which machine happened to be at hand) or point at a machine path.
+value"), cite design notes that are not in the repository, or talk about how the project was made (which
+machine happened to be at hand) or point at a machine path.
 """
 import ast
 import json

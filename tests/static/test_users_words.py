@@ -106,3 +106,12 @@ def test_command_line_strings(path):
 ])
 def test_rules(text, expected):
     assert len(problems(text)) == expected, problems(text)
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_document_links_point_into_the_repository(path):
+    """A relative link names a file of the repository (docs cite only what is there)."""
+    broken = [t for t in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8"))
+              if not re.match(r"[a-z]+:|#", t) and not (path.parent / t.split("#")[0]).exists()]
+    assert not broken, f"{path.relative_to(ROOT)}: links to files that are not in the repository: {broken}"

@@ -7,6 +7,9 @@ through the frontend's own file input (what "Open" and drag-and-drop feed), chec
 for the job to finish on the server, check no node turned red, and save a screenshot under
 ``tests/artifacts/browser/``.
 
+``test_help_panel_shows_the_pack_page`` selects an Atelier node and presses the info button: the help panel must
+show the pack's own page (web/docs), in English and, with the Chinese locale, the Chinese page and node name.
+
 With ``ATELIER_WRITE_THUMBNAILS=1`` a passing run also writes the template-browser thumbnail
 ``workflows/<name>.jpg``: the graph after the run, cropped to its nodes and groups, drawn at full detail
 (no low-detail shortcut, no minimap), about 512 px wide, JPEG quality 80, under 80 KB.

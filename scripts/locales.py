@@ -196,9 +196,8 @@ def sync(root=ROOT, en=None):
     """Write locales/en from the schemas; drop translations (and their sources) of strings that are gone."""
     en = english(root) if en is None else en
     order = list(flatten(en))
-    changed = []
-    if any([_write(root / "locales" / "en" / f"{name}.json", en[name]) for name in FILES]):
-        changed.append("locales/en")
+    written = [_write(root / "locales" / "en" / f"{name}.json", en[name]) for name in FILES]  # every file
+    changed = ["locales/en"] if any(written) else []
     for lang in TRANSLATIONS:
         flat, sources = read_lang(root, lang), read_sources(root, lang)
         for key in [k for k in flat if k not in set(order)]:

@@ -11,7 +11,6 @@ import pathlib
 import re
 
 import pytest
-
 from test_node_schemas import NODES, PACK
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -9,9 +9,7 @@ import pathlib
 import re
 
 import pytest
-
 from atelier.scripts import locales
-
 from test_node_schemas import NODES
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -90,7 +88,7 @@ def test_pack_folder_names_match_install_names():
     """The template browser's entry for the pack is keyed by the pack's folder: the README's clone folder and
     the Registry id (pyproject's project name)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    name = re.search(r'^name = "([^"]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M).group(1)
+    name = re.search(r'^name = "([^"]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.MULTILINE).group(1)
     assert set(locales.PACK_FOLDERS) == {"atelier", name}
     assert "git clone <this repository> atelier" in readme
 

@@ -12,17 +12,16 @@ import pathlib
 import re
 
 import pytest
-
 from test_node_schemas import NODES, PACK
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RULES = [
-    (re.compile(r"(?<![a-z])seeds? ?00\d", re.I), "an internal paper number: name the paper or the method"),
-    (re.compile(r"\(seed: ", re.I), "a default given as '(seed: ...)': say '(the article's value)' or just the value"),
+    (re.compile(r"(?<![a-z])seeds? ?00\d", re.IGNORECASE), "an internal paper number: name the paper or the method"),
+    (re.compile(r"\(seed: ", re.IGNORECASE), "a default given as '(seed: ...)': say '(the article's value)' or just the value"),
     (re.compile(r"\bseed (?:paper|papers|default)s?\b|\bthe seed(?:'s)? (?:setting|figures|retrieval|sampling)\b"
-                r"|\bas (?:in )?the seed(?: does)?\b|\bevery seed\b", re.I), "'the seed' for a paper: name the paper"),
+                r"|\bas (?:in )?the seed(?: does)?\b|\bevery seed\b", re.IGNORECASE), "'the seed' for a paper: name the paper"),
     (re.compile(r"\b(?:DESIGN|COMMON|ANCHORS)\.md\b|\bANCHORS \d"), "a design note that is not in the repository"),
-    (re.compile(r"\bno GPU was lent\b|\bin this session\b|\bshared with other jobs\b|/work/|/tmp/comfy", re.I),
+    (re.compile(r"\bno GPU was lent\b|\bin this session\b|\bshared with other jobs\b|/work/|/tmp/comfy", re.IGNORECASE),
      "how the project was made, or a machine path"),
 ]
 # the one place an old file name may appear: the alias note for a renamed workflow
@@ -39,7 +38,7 @@ def problems(text):
 def node_strings(cls, display_name):
     yield "display name", display_name
     yield "DESCRIPTION", getattr(cls, "DESCRIPTION", "")
-    for section, specs in cls.INPUT_TYPES().items():
+    for specs in cls.INPUT_TYPES().values():
         for name, spec in specs.items():
             if isinstance(spec, (tuple, list)) and len(spec) > 1 and isinstance(spec[1], dict):
                 yield f"input {name}", spec[1].get("tooltip", "")

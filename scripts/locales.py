@@ -1,13 +1,14 @@
 """The pack's translations in ComfyUI's i18n format (``locales/<lang>/``), kept in step with the node schemas.
 
-    python -m scripts.locales sync          # regenerate locales/en; drop translations of strings that are gone
+    python -m scripts.locales sync [--todo F]   # regenerate locales/en; drop translations of strings that are gone;
+                                                # with --todo, also write the strings to (re)translate to F
     python -m scripts.locales check         # exit 1 if locales/en is out of date or a translation is missing/stale
     python -m scripts.locales todo -o F     # the strings to (re)translate, as JSON
     python -m scripts.locales apply F       # write the filled-in translations of F into locales/<lang>/
 
 Run from the pack folder with the Python that runs the tests. After an English description or tooltip changed:
-``sync``, ``todo -o todo.json``, write each entry's ``"text"`` (``"en"`` is the new English, ``"was"`` the
-English the old translation was made from), ``apply todo.json``.
+``sync --todo todo.json``, write each entry's ``"text"`` in todo.json (``"en"`` is the new English, ``"was"`` the
+English the old translation was made from, ``"text"`` starts as the old translation), ``apply todo.json``.
 
 ComfyUI (``app/custom_node_manager.py``) serves ``/i18n``: for each pack, ``locales/<lang>/main.json`` merged
 with ``nodeDefs.json`` (and ``commands.json``, ``settings.json``) under those names. The frontend shows
@@ -249,7 +250,8 @@ def apply(entries, root=ROOT, en=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scripts.locales", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("sync", help="regenerate locales/en from the node schemas; drop translations of removed strings")
+    y = sub.add_parser("sync", help="regenerate locales/en from the node schemas; drop translations of removed strings")
+    y.add_argument("--todo", metavar="FILE", help="also write the strings to (re)translate to FILE (as `todo -o`)")
     sub.add_parser("check", help="exit 1 if locales/en is out of date or a translation is missing or stale")
     t = sub.add_parser("todo", help="the strings to (re)translate, as JSON")
     t.add_argument("-o", "--output", help="write the JSON here instead of printing it")
@@ -263,7 +265,10 @@ def main(argv=None):
         for lang in TRANSLATIONS:
             found = status(en_flat, read_lang(ROOT, lang), read_sources(ROOT, lang))
             counts = ", ".join(f"{len(keys)} {kind}" for kind, keys in found.items() if kind != "orphan")
-            print(f"locales/{lang}: {counts} (`python -m scripts.locales todo -o todo.json` lists them)")
+            print(f"locales/{lang}: {counts}")
+        if args.todo:
+            pathlib.Path(args.todo).write_text(dump(todo()), encoding="utf-8")
+            print(f"wrote {args.todo}: fill in each \"text\", then `python -m scripts.locales apply {args.todo}`")
         return 0
     if args.cmd == "check":
         left = problems()

@@ -2,7 +2,7 @@
 
 ``scripts/locales.py`` writes ``locales/en`` from the schemas; ``locales/zh/sources.json`` records the English each
 Chinese string translates, so a changed English tooltip shows up here as a stale translation. Fix with
-``python -m scripts.locales sync``, then ``todo -o todo.json`` / ``apply todo.json`` (see the script).
+``python -m scripts.locales sync --todo todo.json``, translate, ``apply todo.json`` (see the script).
 """
 import json
 import pathlib
@@ -54,8 +54,9 @@ def test_translation_is_complete_and_current(lang):
     lines = [f"missing: {k}" for k in found["missing"]] + [f"no such string any more: {k}" for k in found["orphan"]]
     lines += [f"stale: {k}\n    translated from: {sources.get(k)!r}\n    English now:     {EN_FLAT[k]!r}"
               for k in found["stale"]]
-    assert not lines, (f"locales/{lang} is behind the English ({len(lines)}); `python -m scripts.locales todo -o "
-                       f"todo.json`, translate, `apply todo.json`:\n" + "\n".join(lines))
+    assert not lines, (f"locales/{lang} is behind the English ({len(lines)}); `python -m scripts.locales sync --todo "
+                       f"todo.json`, translate each \"text\", `python -m scripts.locales apply todo.json`:\n"
+                       + "\n".join(lines))
 
 
 @pytest.mark.parametrize("lang", locales.TRANSLATIONS)

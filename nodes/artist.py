@@ -86,6 +86,6 @@ NODE_CLASS_MAPPINGS = {
     "AtelierArtistCheckpointLoader": AtelierArtistCheckpointLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "AtelierArtistLoader": "Artist Loader (LoRA)",
-    "AtelierArtistCheckpointLoader": "Artist Checkpoint Loader",
+    "AtelierArtistLoader": "Artist LoRA Loader (Atelier)",
+    "AtelierArtistCheckpointLoader": "Artist Checkpoint Loader (Atelier)",
 }

@@ -69,4 +69,4 @@ class AtelierSwinIRUpscale:
 
 
 NODE_CLASS_MAPPINGS = {"AtelierSwinIRUpscale": AtelierSwinIRUpscale}
-NODE_DISPLAY_NAME_MAPPINGS = {"AtelierSwinIRUpscale": "SwinIR Upscale (tiled, seamless)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"AtelierSwinIRUpscale": "SwinIR Upscale (Atelier)"}

@@ -7,6 +7,9 @@ through the frontend's own file input (what "Open" and drag-and-drop feed), chec
 for the job to finish on the server, check no node turned red, and save a screenshot under
 ``tests/artifacts/browser/``.
 
+``test_help_panel_shows_the_pack_page`` selects an Atelier node and presses the info button: the help panel must
+show the pack's own page (web/docs), in English and, with the Chinese locale, the Chinese page and node name.
+
 With ``ATELIER_WRITE_THUMBNAILS=1`` a passing run also writes the template-browser thumbnail
 ``workflows/<name>.jpg``: the graph after the run, cropped to its nodes and groups, drawn at full detail
 (no low-detail shortcut, no minimap), about 512 px wide, JPEG quality 80, under 80 KB.
@@ -208,3 +211,45 @@ def test_workflow_in_real_frontend(comfy_server, browser, workflow):
         if passed and os.environ.get("ATELIER_WRITE_THUMBNAILS") == "1":
             write_thumbnail(page, workflow)
         page.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# the node help panel: the pack's page for the node (web/docs), in the user's language
+
+
+def show_node_help(page, node_type):
+    """Put one node on an empty canvas, select it and press the selection toolbox's info button, as a user does;
+    the rendered help text (None when the frontend fell back to the schema because no page was found)."""
+    page.evaluate(
+        """(type) => { app.graph.clear(); const n = LiteGraph.createNode(type); n.pos = [300, 300];
+                       app.graph.add(n); app.canvas.selectNode(n); app.graph.setDirtyCanvas(true, true); }""",
+        node_type,
+    )
+    page.locator('[data-testid="info-button"]').first.click(timeout=15_000)
+    page.wait_for_function(
+        "() => document.querySelector('.node-help-content .markdown-content, .node-help-content .fallback-content')",
+        timeout=30_000)
+    return page.evaluate(
+        "() => { const md = document.querySelector('.node-help-content .markdown-content'); return md && md.innerText; }")
+
+
+def test_help_panel_shows_the_pack_page(comfy_server, browser):
+    import json
+
+    node, locale = "AtelierPLMSSampler", "zh"
+    zh_name = json.loads((ROOT / "locales" / locale / "nodeDefs.json").read_text(encoding="utf-8"))[node]["display_name"]
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    try:
+        open_comfyui(page, comfy_server)
+        text = show_node_help(page, node)
+        assert text, "the help panel found no page for the node (it fell back to the schema's description)"
+        assert text.splitlines()[0] == "PLMS Sampler (Atelier)" and "first_step" in text
+        page.evaluate("async (l) => { await app.extensionManager.setting.set('Comfy.Locale', l); }", locale)
+        open_comfyui(page, comfy_server)
+        text = show_node_help(page, node)
+        assert text and text.splitlines()[0] == zh_name, f"the {locale} page did not load: {text and text[:200]!r}"
+        assert page.evaluate("() => app.graph.nodes.map(n => n.title)") == [zh_name], "locales/zh not merged"
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "help_panel.png"))
+        page.close()
+        comfy_server.post_json("/settings/Comfy.Locale", "en")  # the other browser tests press "Run" in English

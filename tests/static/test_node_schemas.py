@@ -1,4 +1,4 @@
-"""Static layer: every node of the pack has a well-formed V1 schema (DESIGN.md sections 1 and 5).
+"""Static layer: every node of the pack has a well-formed V1 schema, as ComfyUI reads it.
 
 ``schema_problems`` lists what is wrong with one node class; it is run on every node in the pack's
 NODE_CLASS_MAPPINGS and, so that the checker itself is tested, on hand-made good and bad classes.

@@ -1,4 +1,4 @@
-"""Static layer: the pack's packaging metadata (COMFYUI.md section 11, DESIGN.md section 1)."""
+"""Static layer: the pack's packaging metadata, as ComfyUI, ComfyUI-Manager and the Comfy Registry read it."""
 import pathlib
 import re
 

@@ -16,7 +16,7 @@ from test_node_schemas import PACK, SNAPSHOT
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-# Sampler names the pack registers in ComfyUI's sampler lists at load time (COMMON.md: issue 3 adds plms).
+# Sampler names the pack adds to ComfyUI's sampler lists when it loads (nodes/plms.py adds plms).
 PACK_SAMPLERS = ("plms",)
 MODES = {0, 1, 2, 3, 4}
 

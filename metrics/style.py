@@ -51,6 +51,16 @@ class StyleClassifier:
         return (f"StyleClassifier({len(self.labels)} labels, open_clip {self.embedder['name']}/"
                 f"{self.embedder['weights_hash']}, hidden {self.hidden})")
 
+    def describe(self):
+        info = self.info
+        acc = info.get("val_accuracy")
+        lines = [f"style classifier: {len(self.labels)} labels, open_clip {self.embedder['name']} (weights "
+                 f"{self.embedder['weights_hash']}, dim {self.dim}), hidden {self.hidden}",
+                 f"trained on {info.get('images', '?')} images"
+                 + (f", top-1 {100 * acc:.1f}% on held-out images" if acc is not None else ""),
+                 "labels: " + ", ".join(self.labels[:30]) + (" ..." if len(self.labels) > 30 else "")]
+        return "\n".join(lines)
+
     def check_embedder(self, embedder):
         """Refuse features of another CLIP: the classifier only knows the space it was trained in."""
         name, sha, dim = embedder.name, embedder.weights_hash, int(embedder.dim)
@@ -184,7 +194,7 @@ def train_classifier(features, labels, embedder_info, hidden=512, epochs=100, lr
 
     report = {"labels": len(names), "images": len(labels), "train_images": len(train_idx),
               "val_images": len(val_idx), "train_accuracy": accuracy(train_idx), "val_accuracy": accuracy(val_idx),
-              "final_loss": float(loss), "epochs": int(epochs), "hidden": int(hidden),
+              "final_loss": float(loss.detach()), "epochs": int(epochs), "hidden": int(hidden),
               "per_label": {n: int((y == i).sum()) for i, n in enumerate(names)}}
     clf.info = {k: report[k] for k in ("images", "train_accuracy", "val_accuracy", "epochs")}
     if log:

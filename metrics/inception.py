@@ -107,6 +107,8 @@ def load_inception(weights_path, dim=2048, resize="tf-bilinear", device="cpu"):
     if resize not in RESIZES:
         raise MetricsError(f"resize must be one of {RESIZES}, got {resize!r}")
     device = torch.device(device)
+    if not os.path.isfile(os.fspath(weights_path)):
+        raise MetricsError(f"Inception weights not found: '{os.fspath(weights_path)}'. {WEIGHTS_HELP}")
     sha = file_sha256(weights_path)[:16]
     key = (sha, dim, resize, str(device))
     if key in _LOADED:

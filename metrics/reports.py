@@ -31,7 +31,7 @@ def clip_score_report(embedder, images, prompts, baseline=None, label="images", 
     lines = split_prompts(prompts) if isinstance(prompts, str) else list(prompts)
     x = comfy_to_uint8(images)
     scores = clip_scores(embedder, x, lines, progress=progress)
-    names = [f"{label} {i + 1}" for i in range(len(scores))]
+    names = [f"#{i + 1}" for i in range(len(scores))]
     text = score_table(names, pair_prompts(lines, len(scores)), scores)
     out = {"score": float(np.mean(scores)), "baseline_score": None, "scores": scores.tolist()}
     if baseline is not None:
@@ -95,7 +95,7 @@ def style_score_report(classifier, embedder, images, top_k=3, target="", baselin
     extractor = ClipImageFeatures(embedder)
     probs = classifier.probabilities(extract_batch(extractor, comfy_to_uint8(images), progress=progress))
     tops = classifier.top(probs, top_k)
-    names = [f"{label} {i + 1}" for i in range(len(tops))]
+    names = [f"#{i + 1}" for i in range(len(tops))]
     out = {"top_styles": "\n".join(t[0][0] for t in tops), "accuracy": -1.0, "baseline_accuracy": -1.0,
            "relative_improvement": None}
     text = top_table(names, tops)

@@ -27,17 +27,18 @@ def _file(folder, name, what, help_text):
 
 
 def _reference(text):
-    """A statistics file name in models/atelier_fid, or an absolute folder or .npz path."""
+    """A statistics file or image folder in models/atelier_fid (by name), or an absolute folder or .npz path."""
     text = (text or "").strip().strip('"')
     if not text:
         raise ValueError("give a reference: a statistics .npz in models/atelier_fid, or the absolute path of a "
                          "folder of images or of a .npz file")
     if os.path.isabs(text):
         return text
-    found = host_folders.full_path(FID, text)
+    found = host_folders.full_path(FID, text) or next(
+        (os.path.join(root, text) for root in host_folders.paths(FID) if os.path.isdir(os.path.join(root, text))), None)
     if not found:
-        raise FileNotFoundError(f"reference {text!r} is not in models/atelier_fid; give a file name there, or the "
-                                "absolute path of a folder of images or of a statistics .npz")
+        raise FileNotFoundError(f"reference {text!r} is not in models/atelier_fid; give the name of a statistics .npz "
+                                "or an image folder there, or an absolute path")
     return found
 
 
@@ -164,9 +165,9 @@ class AtelierFID:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "reference": ("STRING", {"default": "", "tooltip": "Reference set: a statistics .npz in "
-                                     "models/atelier_fid (e.g. made with `python -m metrics stats`), or the absolute "
-                                     "path of a folder of images or of a .npz."}),
+            "reference": ("STRING", {"default": "", "tooltip": "Reference set: the name of a statistics .npz (e.g. "
+                                     "made with `python -m metrics stats`) or of an image folder in models/atelier_fid, "
+                                     "or an absolute path of either."}),
             **_inception_inputs(),
         }, "optional": {
             "images": ("IMAGE", {"tooltip": "Generated images (at least 2; thousands for a comparable FID)."}),
@@ -197,8 +198,8 @@ class AtelierAlphaFID:
 
     @classmethod
     def INPUT_TYPES(cls):
-        ref = ("Images of the {} object: a statistics .npz in models/atelier_fid, or the absolute path of a folder "
-               "of images or of a .npz (the paper used 40 images per object).")
+        ref = ("Images of the {} object: the name of an image folder or a statistics .npz in models/atelier_fid, or "
+               "an absolute path of either (the paper used 40 images per object).")
         return {"required": {
             "images": ("IMAGE", {"tooltip": "Generated images G (the paper used 40 per caption)."}),
             "reference_1": ("STRING", {"default": "", "tooltip": ref.format("first")}),

@@ -18,8 +18,8 @@ def prepare(server):
     from atelier.retrieval.build import build_db
     from atelier.retrieval.db import load_db
     from atelier.retrieval.embedder import OpenClipEmbedder
-    from tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
-    from tests.fixtures.tiny_inception import write_random_inception
+    from atelier.tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
+    from atelier.tests.fixtures.tiny_inception import write_random_inception
 
     models = pathlib.Path(server.base_dir) / "models"
     fid_dir = models / "atelier_fid"

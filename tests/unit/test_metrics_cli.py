@@ -1,5 +1,6 @@
 """``python -m metrics``: the JSON objects the issue promises, tables, and errors as exit code 2."""
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 
 from atelier.metrics import cli
-from tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
-from tests.fixtures.tiny_inception import write_random_inception
+from atelier.tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
+from atelier.tests.fixtures.tiny_inception import write_random_inception
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,6 @@ def test_style_train_and_score_with_a_baseline(sets, tmp_path, capsys):
 
 
 def test_module_launcher_prints_help():
-    from tests.conftest import ROOT
-
-    proc = subprocess.run([sys.executable, "-m", "metrics", "--help"], cwd=ROOT, capture_output=True, text=True)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "metrics", "--help"], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0 and "alpha-fid" in proc.stdout and "style-train" in proc.stdout

@@ -10,8 +10,8 @@ from PIL import Image
 from atelier.metrics import features as F
 from atelier.metrics import fid, images, inception
 from atelier.metrics.frechet import MetricsError
-from tests.fixtures.tiny_clip import make_wikiart_folder
-from tests.fixtures.tiny_inception import tiny_extractor, write_random_inception
+from atelier.tests.fixtures.tiny_clip import make_wikiart_folder
+from atelier.tests.fixtures.tiny_inception import tiny_extractor, write_random_inception
 
 
 class CountingExtractor:

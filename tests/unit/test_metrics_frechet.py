@@ -1,16 +1,12 @@
 """Fréchet distance, α-FID, KID and statistics files: exact maths against closed forms and SciPy."""
 import math
-import pathlib
 
 import numpy as np
 import pytest
 import scipy.linalg
 
-import tests
 from atelier.metrics.frechet import (MetricsError, Stats, alpha_fid, frechet_distance, kid, load_stats,
                                      save_stats, stats_from_features)
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def rotation(d, seed):
@@ -32,11 +28,6 @@ def scipy_reference(mu1, sigma1, mu2, sigma2, eps=1e-6):
     covmean = covmean.real
     diff = mu1 - mu2
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def test_the_tests_package_is_the_projects():
-    """A dependency that installs a top-level 'tests' package (torch-fidelity 0.4.0 does) would shadow ours."""
-    assert any(pathlib.Path(p).resolve() == ROOT / "tests" for p in tests.__path__), tests.__path__
 
 
 @pytest.mark.parametrize("spectrum", ["well", "ill", "rank-deficient"])

@@ -11,7 +11,7 @@ from atelier.metrics.frechet import MetricsError
 from atelier.retrieval.build import build_db
 from atelier.retrieval.db import load_db
 from atelier.retrieval.embedder import OpenClipEmbedder
-from tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
+from atelier.tests.fixtures.tiny_clip import make_tiny_open_clip, make_wikiart_folder
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ OPEN_CLIP = "open_clip"                  # open_clip weights (+ optional archite
 PROMPT_EXPANSION = "prompt_expansion"    # Hugging Face model folders (GPT-2, T5, NER ...)
 KNOWLEDGE = "atelier_knowledge"          # knowledge bases for the Prompt Extender
 STYLE_DB = "atelier_style_db"            # style databases (one folder each)
+FID = "atelier_fid"                      # FID Inception weights and reference statistics (.npz)
+STYLE_CLASSIFIER = "atelier_style_classifier"  # style classifiers (python -m metrics style-train)
 
 # folder -> file endings ComfyUI lists in it (empty: the entries are folders)
 PACK_FOLDERS = {
@@ -14,6 +16,8 @@ PACK_FOLDERS = {
     PROMPT_EXPANSION: set(),
     KNOWLEDGE: {".sqlite", ".db", ".jsonl"},
     STYLE_DB: set(),
+    FID: {".pth", ".pt", ".bin", ".safetensors", ".npz"},
+    STYLE_CLASSIFIER: {".safetensors"},
 }
 
 # ComfyUI's own folders the pack's nodes and workflows read

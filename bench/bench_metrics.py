@@ -7,26 +7,25 @@
    (no image read), and the resulting speed-up.
 3. Fréchet distance on 2048-d statistics (two symmetric eigendecompositions).
 
-    python bench/bench_metrics.py                      # CPU, 32 images per measurement
-    python bench/bench_metrics.py --images 256 --device cuda
+Run from the pack folder:
+
+    python -m bench.bench_metrics                      # CPU, 32 images per measurement
+    python -m bench.bench_metrics --images 256 --device cuda
 """
 import argparse
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from atelier.metrics import features as F  # noqa: E402
-from atelier.metrics.frechet import frechet_distance, stats_from_features  # noqa: E402
-from atelier.metrics.inception import load_inception  # noqa: E402
-from atelier.tests.fixtures.tiny_clip import make_wikiart_folder  # noqa: E402
-from atelier.tests.fixtures.tiny_inception import tiny_extractor, write_random_inception  # noqa: E402
+from atelier.metrics import features as F
+from atelier.metrics.frechet import frechet_distance, stats_from_features
+from atelier.metrics.inception import load_inception
+from atelier.tests.fixtures.tiny_clip import make_wikiart_folder
+from atelier.tests.fixtures.tiny_inception import tiny_extractor, write_random_inception
 
 
 def throughput(extractor, n, size, batch):

@@ -4,13 +4,13 @@ import os
 import shutil
 
 import pytest
-
 from atelier.prompt_ext import extend as ext
 from atelier.prompt_ext import lm as lmmod
 from atelier.prompt_ext import pipeline
 from atelier.prompt_ext.window import WINDOW, ClipTokenCounter
 from atelier.tests.fixtures.progress import RecordingProgress
 from atelier.tests.fixtures.tiny_lm import make_tiny_gpt2, make_tiny_t5
+from atelier.tests.fixtures.training_toys import torch_threads
 
 torch = pytest.importorskip("torch")
 
@@ -23,10 +23,8 @@ def _cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny models: one intra-op thread is much faster than several fighting for a few cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +205,9 @@ def test_node_schema(node):
 
 def test_local_ner_model_adds_its_entities(tmp_path):
     """A token-classification folder (random tiny BERT, labels O/LOC/DATE) runs through the NER path."""
-    from transformers import BertConfig, BertForTokenClassification
-
     from atelier.prompt_ext.entities import EntityCounter, NerModel, is_token_classifier
     from atelier.tests.fixtures.tiny_lm import save_word_tokenizer
+    from transformers import BertConfig, BertForTokenClassification
 
     d = tmp_path / "tiny-ner"
     n = save_word_tokenizer(str(d), "gpt2")

@@ -6,12 +6,18 @@ weights, loaded back through ``ModelLoader`` so it is a real descriptor whose ti
 """
 import pytest
 import torch
-
-from atelier.upscale.tiled import (
-    TileOOMError, TileReport, blend_weights, plan_axis, receptive_radius, requirements_of, upscale_tiled,
-)
 from atelier.tests.fixtures.progress import Interrupted, RecordingProgress
 from atelier.tests.fixtures.tiny_swinir import tiny_swinir
+from atelier.tests.fixtures.training_toys import torch_threads
+from atelier.upscale.tiled import (
+    TileOOMError,
+    TileReport,
+    blend_weights,
+    plan_axis,
+    receptive_radius,
+    requirements_of,
+    upscale_tiled,
+)
 
 
 def psnr(a, b, peak=1.0):
@@ -20,12 +26,10 @@ def psnr(a, b, peak=1.0):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one torch thread is several times faster than two fighting threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread():
+    """Tiny models: one intra-op thread is much faster than several fighting for a few cores."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -275,10 +279,9 @@ def test_plan_and_weights_partition_unity(length, tile, overlap, align):
 
 def test_precision_policy_for_other_architectures():
     """Non-SwinIR models follow their descriptor flags; SwinIR is refused even though spandrel allows bf16."""
+    from atelier.upscale.tiled import check_precision
     from spandrel import ModelLoader
     from spandrel.architectures.Compact import Compact
-
-    from atelier.upscale.tiled import check_precision
 
     compact = ModelLoader().load_from_state_dict(
         Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2).state_dict())

@@ -9,6 +9,7 @@ has no image paths: its previews say "no image". The ArtBench databases are one 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -38,13 +39,19 @@ def npz_header(path, key):
     return tuple(shape), dtype
 
 
+def natural_key(path):
+    """Sort key that puts part_2 before part_10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(path))]
+
+
 def part_files(source):
-    """The ``.npz`` parts of a CompVis database folder (sorted, as knn2img reads them), or the one file given."""
+    """The ``.npz`` parts of a CompVis database folder (in natural order: part_2 before part_10), or the one
+    file given."""
     if os.path.isfile(source):
         return [source]
     if not os.path.isdir(source):
         raise StyleDBError(f"CompVis database not found: '{source}' (give a folder of .npz parts or one .npz)")
-    files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(".npz"))
+    files = sorted((os.path.join(source, f) for f in os.listdir(source) if f.endswith(".npz")), key=natural_key)
     if not files:
         raise StyleDBError(f"no .npz parts in '{source}': a CompVis retrieval database folder holds *.npz files "
                            "with embedding, img_id and patch_coords")

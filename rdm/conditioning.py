@@ -11,6 +11,8 @@ batch averaged and L2-normalised) in place of the text token or beside it, and a
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -67,13 +69,16 @@ def check_space(name, dim, embedder_name=""):
 
 
 def _is_other_stock_architecture(name):
+    """An architecture open_clip ships (its config is bundled) other than ViT-L-14 and its variants; a user's
+    own architecture (a config next to the weights) is not judged by its name."""
     if name.startswith("ViT-L-14"):
         return False
     try:
         import open_clip
     except ImportError:
         return False
-    return name in open_clip.list_models()
+    bundled = os.path.join(os.path.dirname(open_clip.__file__), "model_configs", f"{name}.json")
+    return os.path.isfile(bundled)
 
 
 def pick_neighbours(neighbors, k):

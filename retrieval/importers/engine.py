@@ -23,6 +23,7 @@ import numpy as np
 
 from ...common.files import atomic_folder, atomic_write
 from ...common.progress import NO_PROGRESS
+from ..build import normalise16
 from ..db import EMBEDDINGS, METADATA, NORMS, StyleDBError, finish_db
 
 PLAN = "plan.json"
@@ -100,14 +101,6 @@ def _open_partial(partial, digest, total, dim, resume, log):
     return done, emb, norms
 
 
-def normalise_rows(raw):
-    """(L2-normalised float16 rows, float32 lengths) of float embeddings; rows of length 0 stay 0."""
-    raw = np.asarray(raw, dtype=np.float32)
-    lengths = np.linalg.norm(raw, axis=1)
-    rows = raw / np.maximum(lengths, 1e-12)[:, None]
-    return rows.astype(np.float16), lengths.astype(np.float32)
-
-
 def _copy_part(part, emb, norms, start, partial, index):
     raw, rows = part.read()
     raw = np.asarray(raw)
@@ -119,7 +112,7 @@ def _copy_part(part, emb, norms, start, partial, index):
                            "embedding needs exactly one metadata row")
     if not np.isfinite(raw).all():
         raise StyleDBError(f"part {part.name} holds NaN or infinite values; the file is damaged")
-    e16, lengths = normalise_rows(raw)
+    e16, lengths = normalise16(raw)
     emb[start:start + part.count] = e16
     norms[start:start + part.count] = lengths
     atomic_write(os.path.join(partial, f"meta_{index:06d}.jsonl"),

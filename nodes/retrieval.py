@@ -93,9 +93,9 @@ class AtelierStyleDBImport:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "source": ("STRING", {"default": "", "tooltip": "Absolute path of the precomputed embeddings: a CompVis retrieval database folder of *.npz parts (embedding, img_id, patch_coords), e.g. artbench-surrealism, or one .npz."}),
+                "source": ("STRING", {"default": "", "tooltip": "Absolute path of the precomputed embeddings: a CompVis retrieval database folder of *.npz parts (embedding, img_id, patch_coords), e.g. artbench-surrealism, or one .npz; or a clip-retrieval / img2dataset folder with img_emb/*.npy and metadata/*.parquet."}),
                 "db_name": ("STRING", {"default": "artbench_surrealism", "tooltip": "Name of the database directory created in models/atelier_style_db."}),
-                "format": (list(FORMATS), {"default": FORMATS[0], "tooltip": "auto: told from the files. compvis-npz: CompVis latent-diffusion retrieval databases."}),
+                "format": (list(FORMATS), {"default": FORMATS[0], "tooltip": "auto: told from the files. compvis-npz: CompVis latent-diffusion retrieval databases. clip-retrieval: clip-retrieval / img2dataset embedding folders (e.g. LAION's precomputed ViT-L/14 embeddings)."}),
                 "architecture": ("STRING", {"default": "ViT-L-14", "tooltip": "open_clip architecture that computed the embeddings (CompVis databases: ViT-L-14). Queries must use a model of this architecture."}),
                 "index": (["auto", "exact", "ivf"], {"default": "auto", "tooltip": "auto: exact search up to 250k rows, a FAISS IVF index above (its recall is measured and stored)."}),
             },
@@ -111,7 +111,8 @@ class AtelierStyleDBImport:
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
     DESCRIPTION = ("Imports embeddings computed elsewhere into a style database without the images, keeping their "
-                   "metadata: CompVis retrieval databases (the ArtBench and OpenImages *.npz of the RDM). Streams one "
+                   "metadata: CompVis retrieval databases (the ArtBench and OpenImages *.npz of the RDM) and clip-retrieval / "
+                   "img2dataset embedding folders (npy parts with parquet metadata: url, caption, ...). Streams one "
                    "part at a time; running again resumes an interrupted import.")
 
     def import_db(self, source, db_name, format, architecture, index, style=""):

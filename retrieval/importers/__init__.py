@@ -2,4 +2,4 @@
 
 ``engine`` streams parts (one part in memory at a time) into a database, resumably; the readers describe the
 parts of a format: ``compvis`` (CompVis retrieval databases, ``*.npz`` with ``embedding``, ``img_id``,
-``patch_coords``)."""
+``patch_coords``) and ``clip_retrieval`` (clip-retrieval / img2dataset ``img_emb/*.npy`` + ``metadata/*.parquet``)."""

@@ -6,10 +6,10 @@ import os
 from ...common.files import file_sha256
 from ...common.progress import NO_PROGRESS
 from ..db import StyleDBError
-from . import compvis
+from . import clip_retrieval, compvis
 from .engine import embedder_entry, import_parts
 
-FORMATS = ("auto", compvis.FORMAT_NAME)
+FORMATS = ("auto", compvis.FORMAT_NAME, clip_retrieval.FORMAT_NAME)
 DEFAULT_ARCH = "ViT-L-14"  # the CLIP of CompVis' databases and of the LAION-RDM
 
 
@@ -18,11 +18,13 @@ def detect_format(source):
     if os.path.isfile(source) and source.endswith(".npz"):
         return compvis.FORMAT_NAME
     if os.path.isdir(source):
+        if clip_retrieval.is_clip_retrieval(source):
+            return clip_retrieval.FORMAT_NAME
         names = os.listdir(source)
         if any(n.endswith(".npz") for n in names):
             return compvis.FORMAT_NAME
-        raise StyleDBError(f"cannot tell the format of '{source}': it holds no .npz parts (CompVis); name the "
-                           f"format ({', '.join(FORMATS[1:])})")
+        raise StyleDBError(f"cannot tell the format of '{source}': it holds no .npz parts (CompVis) and no img_emb/ "
+                           f"folder (clip-retrieval); name the format ({', '.join(FORMATS[1:])})")
     raise StyleDBError(f"import source not found: '{source}' (give a folder or file path)")
 
 
@@ -30,6 +32,8 @@ def parts_of(source, fmt="auto", style=None):
     fmt = detect_format(source) if fmt == "auto" else fmt
     if fmt == compvis.FORMAT_NAME:
         return fmt, compvis.compvis_parts(source, style=style)
+    if fmt == clip_retrieval.FORMAT_NAME:
+        return fmt, clip_retrieval.clip_retrieval_parts(source)
     raise StyleDBError(f"unknown import format {fmt!r}; one of {', '.join(FORMATS)}")
 
 

@@ -97,3 +97,43 @@ def test_cli_import(tmp_path, capsys):
     assert main(["import", str(folder), str(tmp_path / "db"), "--style", "Dada"]) == 0
     assert "imported 12 rows from 1 compvis-npz part(s)" in capsys.readouterr().out
     assert load_db(tmp_path / "db").metadata[3]["style"] == "Dada"
+
+
+def clip_retrieval_folder(root, parts=(20, 15), dim=768, meta_rows=None):
+    """clip-retrieval's output layout, written with numpy and pyarrow as clip-retrieval writes it."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    embs = []
+    for i, n in enumerate(parts):
+        e = rng.normal(size=(n, dim)).astype(np.float16)
+        np.save(root / "img_emb" / f"img_emb_{i}.npy", e)
+        rows = n if meta_rows is None else meta_rows[i]
+        table = pa.table({"url": [f"https://example.org/{i}/{j}.jpg" for j in range(rows)],
+                          "caption": [f"caption {i} {j}" for j in range(rows)],
+                          "similarity": [0.3] * rows, "width": list(range(rows))})
+        pq.write_table(table, root / "metadata" / f"metadata_{i}.parquet")
+        embs.append(e.astype(np.float32))
+    return np.concatenate(embs)
+
+
+def test_clip_retrieval_round_trip_keeps_every_column(tmp_path):
+    raw = clip_retrieval_folder(tmp_path / "laion")
+    res = import_source(tmp_path / "laion", tmp_path / "db", arch="ViT-L-14", log=lambda m: None)
+    assert res["format"] == "clip-retrieval" and res["count"] == 35
+    db = load_db(tmp_path / "db")
+    assert np.allclose(np.asarray(db.embeddings, np.float32), raw / np.linalg.norm(raw, axis=1, keepdims=True),
+                       atol=2e-3)
+    row = db.metadata[21]
+    assert row["url"] == "https://example.org/1/1.jpg" and row["caption"] == "caption 1 1"
+    assert row["title"] == "caption 1 1" and row["width"] == 1 and row["path"] == ""
+
+
+def test_clip_retrieval_rows_must_match_embeddings(tmp_path):
+    clip_retrieval_folder(tmp_path / "bad", meta_rows=(20, 14))
+    with pytest.raises(StyleDBError, match="metadata_1.parquet has 14 rows but img_emb_1.npy has 15 embeddings"):
+        import_source(tmp_path / "bad", tmp_path / "db", log=lambda m: None)
+    assert not (tmp_path / "db").exists() and not (tmp_path / "db.partial").exists()

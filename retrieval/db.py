@@ -147,6 +147,7 @@ class StyleDB:
                  f"index: {idx.get('kind', 'exact')}" + (
                      f" (nlist {idx.get('nlist')}, nprobe {idx.get('nprobe')}, recall@{idx.get('recall_k')} vs "
                      f"exact {idx.get('recall'):.3f})" if idx.get("kind") == "ivf" else ""),
+                 self._size_line(),
                  self._source_line(),
                  f"skipped files: {len(m.get('skipped', []))}, duplicates: {len(m.get('duplicates', []))}"]
         cols = self.columns()
@@ -155,6 +156,19 @@ class StyleDB:
             if vals:
                 lines.append(f"{key}s ({len(vals)}): {', '.join(sorted(vals)[:12])}{' ...' if len(vals) > 12 else ''}")
         return "\n".join(lines)
+
+    def _size_line(self):
+        """Disk size of the rows and the index, and what a query keeps in memory."""
+        def size(name):
+            p = os.path.join(self.path, name)
+            return os.path.getsize(p) if os.path.isfile(p) else 0
+
+        mb = 2 ** 20
+        rows, index = size(EMBEDDINGS) + size(NORMS), size(FAISS_INDEX)
+        ram = index if self.index is not None else self.count * self.dim * 4
+        return (f"size: {self.count} rows x {self.dim}, float16 rows {rows / mb:.1f} MB on disk (memory-mapped), "
+                f"metadata {size(METADATA) / mb:.1f} MB, index {index / mb:.1f} MB; search memory about "
+                f"{ram / mb:.1f} MB ({'the index' if self.index is not None else 'a float32 copy for exact search'})")
 
     def _source_line(self):
         imp = self.manifest.get("import")

@@ -9,6 +9,7 @@ KNOWLEDGE = "atelier_knowledge"          # knowledge bases for the Prompt Extend
 STYLE_DB = "atelier_style_db"            # style databases (one folder each)
 FID = "atelier_fid"                      # FID Inception weights and reference statistics (.npz)
 STYLE_CLASSIFIER = "atelier_style_classifier"  # style classifiers (python -m metrics style-train)
+RDM = "rdm"                              # retrieval-augmented diffusion models (CompVis model.ckpt, conversions)
 
 # folder -> file endings ComfyUI lists in it (empty: the entries are folders)
 PACK_FOLDERS = {
@@ -18,6 +19,7 @@ PACK_FOLDERS = {
     STYLE_DB: set(),
     FID: {".pth", ".pt", ".bin", ".safetensors", ".npz"},
     STYLE_CLASSIFIER: {".safetensors"},
+    RDM: {".ckpt", ".safetensors", ".pt", ".pth"},
 }
 
 # ComfyUI's own folders the pack's nodes and workflows read

@@ -10,7 +10,9 @@ from ..host.progress import ComfyProgress
 from ..host.sampling import conditioning_with
 from ..retrieval.db import load_db
 from ..retrieval.embedder import AUTO_ARCHITECTURE, WEIGHTS_HELP, architectures, load_embedder, weight_files
-from ..retrieval.library import BUILD_MODES, build_style_db, db_fingerprint, db_names, find_db, folder_fingerprint
+from ..retrieval.importers.formats import FORMATS
+from ..retrieval.library import (BUILD_MODES, build_style_db, db_fingerprint, db_names, find_db, folder_fingerprint,
+                                 import_style_db)
 from ..retrieval.present import unclip_conditioning
 from ..retrieval.query import retrieve
 
@@ -84,6 +86,38 @@ class AtelierStyleDBBuild:
     def build(self, clip, image_folder, db_name, mode, batch_size, index, metadata_file=""):
         return build_style_db(folders.first_path(STYLE_DB), clip, image_folder, db_name, mode, batch_size, index,
                               metadata_file, progress=ComfyProgress())
+
+
+class AtelierStyleDBImport:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "source": ("STRING", {"default": "", "tooltip": "Absolute path of the precomputed embeddings: a CompVis retrieval database folder of *.npz parts (embedding, img_id, patch_coords), e.g. artbench-surrealism, or one .npz; or a clip-retrieval / img2dataset folder with img_emb/*.npy and metadata/*.parquet."}),
+                "db_name": ("STRING", {"default": "artbench_surrealism", "tooltip": "Name of the database directory created in models/atelier_style_db."}),
+                "format": (list(FORMATS), {"default": FORMATS[0], "tooltip": "auto: told from the files. compvis-npz: CompVis latent-diffusion retrieval databases. clip-retrieval: clip-retrieval / img2dataset embedding folders (e.g. LAION's precomputed ViT-L/14 embeddings)."}),
+                "architecture": ("STRING", {"default": "ViT-L-14", "tooltip": "open_clip architecture that computed the embeddings (CompVis databases: ViT-L-14). Queries must use a model of this architecture."}),
+                "index": (["auto", "exact", "ivf"], {"default": "auto", "tooltip": "auto: exact search up to 250k rows, a FAISS IVF index above (its recall is measured and stored)."}),
+            },
+            "optional": {
+                "style": ("STRING", {"default": "", "tooltip": "Style written into every row (empty: from an ArtBench folder name such as artbench-surrealism, else none)."}),
+            },
+        }
+
+    RETURN_TYPES = ("ATELIER_STYLE_DB", "STRING")
+    RETURN_NAMES = ("style_db", "report")
+    OUTPUT_TOOLTIPS = ("The imported style database (no images: previews say 'no image').", "What was imported.")
+    FUNCTION = "import_db"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = ("Imports embeddings computed elsewhere into a style database without the images, keeping their "
+                   "metadata: CompVis retrieval databases (the ArtBench and OpenImages *.npz of the RDM) and clip-retrieval / "
+                   "img2dataset embedding folders (npy parts with parquet metadata: url, caption, ...). Streams one "
+                   "part at a time; running again resumes an interrupted import.")
+
+    def import_db(self, source, db_name, format, architecture, index, style=""):
+        return import_style_db(folders.first_path(STYLE_DB), source, db_name, format, architecture, index, style,
+                               progress=ComfyProgress())
 
 
 class AtelierStyleDBLoad:
@@ -189,6 +223,7 @@ class AtelierNeighborsToUnCLIP:
 NODE_CLASS_MAPPINGS = {
     "AtelierOpenCLIPLoader": AtelierOpenCLIPLoader,
     "AtelierStyleDBBuild": AtelierStyleDBBuild,
+    "AtelierStyleDBImport": AtelierStyleDBImport,
     "AtelierStyleDBLoad": AtelierStyleDBLoad,
     "AtelierStyleRetriever": AtelierStyleRetriever,
     "AtelierNeighborsToUnCLIP": AtelierNeighborsToUnCLIP,
@@ -197,6 +232,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AtelierOpenCLIPLoader": "open_clip Loader (Atelier)",
     "AtelierStyleDBBuild": "Style DB Build (Atelier)",
+    "AtelierStyleDBImport": "Style DB Import (Atelier)",
     "AtelierStyleDBLoad": "Style DB Load (Atelier)",
     "AtelierStyleRetriever": "Style Retriever (Atelier)",
     "AtelierNeighborsToUnCLIP": "Neighbours → unCLIP Conditioning (Atelier)",

@@ -3,6 +3,7 @@
     python -m retrieval build  IMAGES OUT --arch ViT-L-14 --weights ViT-L-14-openai.safetensors [--shard 0/4]
     python -m retrieval add    DB IMAGES --arch ... --weights ... [--prune]
     python -m retrieval merge  OUT SHARD_DB [SHARD_DB ...]
+    python -m retrieval import SOURCE OUT [--format compvis-npz] [--arch ViT-L-14] [--weights FILE]
     python -m retrieval info   DB
     python -m retrieval search DB --text "a stormy sea" --arch ... --weights ... [-k 19] [--style impressionism]
 """
@@ -15,6 +16,7 @@ import sys
 from ..common.progress import TqdmProgress
 from . import build as B
 from .db import DEFAULT_K, Filters, StyleDBError, load_db
+from .importers.formats import DEFAULT_ARCH, FORMATS, import_source
 
 
 def _embedder(args):
@@ -65,6 +67,17 @@ def _parser():
     m.add_argument("parts", nargs="+")
     m.add_argument("--index", choices=["auto", "exact", "ivf"], default="auto")
 
+    im = sub.add_parser("import", help="import precomputed embeddings (no images) into a new database; resumes")
+    im.add_argument("source", help="CompVis retrieval database folder of *.npz parts (or one .npz)")
+    im.add_argument("out")
+    im.add_argument("--format", choices=list(FORMATS), default="auto")
+    im.add_argument("--arch", default=DEFAULT_ARCH, help="open_clip architecture that computed the embeddings")
+    im.add_argument("--weights", default=None,
+                    help="the local open_clip weights file of that model: binds the database to it (optional)")
+    im.add_argument("--style", default=None, help="style of every row (default: from an artbench-<style> folder)")
+    im.add_argument("--index", choices=["auto", "exact", "ivf"], default="auto")
+    im.add_argument("--no-resume", action="store_true", help="discard a partial import instead of resuming it")
+
     i = sub.add_parser("info", help="print a database's manifest summary")
     i.add_argument("db")
 
@@ -97,6 +110,8 @@ def _run(args):
         return 0
     if args.cmd == "merge":
         return _merge(args)
+    if args.cmd == "import":
+        return _import(args)
     return {"build": _build, "add": _add, "search": _search}[args.cmd](args, _embedder(args))
 
 
@@ -137,4 +152,12 @@ def _search(args, emb):
     for rank, (s, meta) in enumerate(zip(n.scores, n.metadata), 1):
         print(f"{rank:3d} {s:.4f} {meta['artist']} | {meta['style']} | {meta['title']} {meta['year']} | "
               f"{meta['path']}")
+    return 0
+
+
+def _import(args):
+    with contextlib.closing(TqdmProgress(f"importing {args.source}", unit="row")) as bar:
+        res = import_source(args.source, args.out, args.format, args.arch, weights=args.weights, index=args.index,
+                            style=args.style, progress=bar, resume=not args.no_resume)
+    print(f"imported {res['count']} rows from {res['parts']} {res['format']} part(s) into {res['path']}")
     return 0

@@ -119,7 +119,10 @@ class StyleDB:
         return f"StyleDB({self.name}: {self.count} images, {self.embedder_name}/{self.embedder_hash}, dim {self.dim})"
 
     def check_embedder(self, embedder):
-        """Refuse an embedder other than the one that built the database (cosines would be meaningless)."""
+        """Refuse an embedder other than the one that built the database (cosines would be meaningless). An
+        imported database not bound to a weights file (empty hash) takes any model of its architecture and dim."""
+        if not self.embedder_hash and embedder.dim == self.dim and embedder.name == self.embedder_name:
+            return
         if embedder.dim != self.dim or embedder.name != self.embedder_name or embedder.weights_hash != self.embedder_hash:
             raise StyleDBError(
                 f"style database '{self.name}' was built with open_clip {self.embedder_name} (weights "
@@ -131,9 +134,10 @@ class StyleDB:
         return self.manifest.get("source_root") or ""
 
     def image_path(self, row):
-        """Absolute path of a row's image (paths are stored relative to the source folder)."""
-        p = self.metadata[row]["path"]
-        return p if os.path.isabs(p) else os.path.join(self.source_root(), p)
+        """Absolute path of a row's image (paths are stored relative to the source folder); "" for a row without
+        an image (imported embeddings)."""
+        p = self.metadata[row].get("path") or ""
+        return p if not p or os.path.isabs(p) else os.path.join(self.source_root(), p)
 
     def info_text(self):
         m = self.manifest
@@ -143,7 +147,8 @@ class StyleDB:
                  f"index: {idx.get('kind', 'exact')}" + (
                      f" (nlist {idx.get('nlist')}, nprobe {idx.get('nprobe')}, recall@{idx.get('recall_k')} vs "
                      f"exact {idx.get('recall'):.3f})" if idx.get("kind") == "ivf" else ""),
-                 f"source: {self.source_root()}",
+                 self._size_line(),
+                 self._source_line(),
                  f"skipped files: {len(m.get('skipped', []))}, duplicates: {len(m.get('duplicates', []))}"]
         cols = self.columns()
         for key in ("style", "artist", "genre"):
@@ -151,6 +156,27 @@ class StyleDB:
             if vals:
                 lines.append(f"{key}s ({len(vals)}): {', '.join(sorted(vals)[:12])}{' ...' if len(vals) > 12 else ''}")
         return "\n".join(lines)
+
+    def _size_line(self):
+        """Disk size of the rows and the index, and what a query keeps in memory."""
+        def size(name):
+            p = os.path.join(self.path, name)
+            return os.path.getsize(p) if os.path.isfile(p) else 0
+
+        mb = 2 ** 20
+        rows, index = size(EMBEDDINGS) + size(NORMS), size(FAISS_INDEX)
+        ram = index if self.index is not None else self.count * self.dim * 4
+        return (f"size: {self.count} rows x {self.dim}, float16 rows {rows / mb:.1f} MB on disk (memory-mapped), "
+                f"metadata {size(METADATA) / mb:.1f} MB, index {index / mb:.1f} MB; search memory about "
+                f"{ram / mb:.1f} MB ({'the index' if self.index is not None else 'a float32 copy for exact search'})")
+
+    def _source_line(self):
+        imp = self.manifest.get("import")
+        if imp:
+            return (f"imported from {imp.get('format')} ({len(imp.get('parts', []))} part(s)), without images: "
+                    "previews say 'no image'" + ("" if self.embedder_hash else
+                                                 f"; any open_clip {self.embedder_name} model may query it"))
+        return f"source: {self.source_root()}"
 
     # -- filters -----------------------------------------------------------------------------------------------
     def columns(self):
@@ -365,35 +391,52 @@ def write_db(path, embeddings, norms, metadata, embedder_info, source_root="", s
     else:
         e32 = np.asarray(embeddings, dtype=np.float32)
         emb16 = (e32 / np.maximum(np.linalg.norm(e32, axis=1, keepdims=True), 1e-12)).astype(np.float16)
-    kind = index
-    if kind == "auto":
-        kind = "ivf" if count > IVF_THRESHOLD else "exact"
     with atomic_folder(path) as tmp:
         np.save(os.path.join(tmp, EMBEDDINGS), emb16)
         np.save(os.path.join(tmp, NORMS), np.asarray(norms, dtype=np.float32).reshape(count))
         with open(os.path.join(tmp, METADATA), "w", encoding="utf-8") as f:
             for row in metadata:
-                f.write(json.dumps({k: row.get(k, "") for k in META_FIELDS}, ensure_ascii=False) + "\n")
-        index_info = {"kind": "exact"}
-        if kind == "ivf" and count:
-            index_info = build_ivf(emb16, os.path.join(tmp, FAISS_INDEX), nprobe=nprobe)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "embedder": {"name": embedder_info["name"], "weights_hash": embedder_info["weights_hash"], "dim": dim},
-            "count": count,
-            "index": index_info,
-            "files": {"embeddings": EMBEDDINGS, "norms": NORMS, "metadata": METADATA,
-                      **({"index": FAISS_INDEX} if index_info["kind"] == "ivf" else {})},
-            "source_root": source_root,
-            "skipped": list(skipped),
-            "duplicates": list(duplicates),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **(extra or {}),
-        }
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, ensure_ascii=False)
+                f.write(json.dumps(stored_row(row), ensure_ascii=False) + "\n")
+        finish_db(tmp, count, embedder_info, source_root=source_root, skipped=skipped, duplicates=duplicates,
+                  index=index, extra=extra, nprobe=nprobe)
     return path
+
+
+def stored_row(row):
+    """A metadata row as stored: the standard fields first (blank when absent), then any others the row has
+    (imports keep their source's columns: img_id, url, caption, ...)."""
+    return {**{k: row.get(k, "") for k in META_FIELDS}, **{k: v for k, v in row.items() if k not in META_FIELDS}}
+
+
+def finish_db(tmp, count, embedder_info, source_root="", skipped=(), duplicates=(), index="auto", extra=None,
+              nprobe=None, index_options=None, log=None):
+    """Build the index of the database folder ``tmp`` (whose embeddings, norms and metadata are written) and
+    write its manifest; the caller renames the folder into place."""
+    dim = int(embedder_info["dim"])
+    kind = index
+    if kind == "auto":
+        kind = "ivf" if count > IVF_THRESHOLD else "exact"
+    index_info = {"kind": "exact"}
+    if kind == "ivf" and count:
+        emb16 = np.load(os.path.join(tmp, EMBEDDINGS), mmap_mode="r")
+        index_info = build_ivf(emb16, os.path.join(tmp, FAISS_INDEX), nprobe=nprobe)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "embedder": {"name": embedder_info["name"], "weights_hash": embedder_info["weights_hash"], "dim": dim},
+        "count": count,
+        "index": index_info,
+        "files": {"embeddings": EMBEDDINGS, "norms": NORMS, "metadata": METADATA,
+                  **({"index": FAISS_INDEX} if index_info["kind"] == "ivf" else {})},
+        "source_root": source_root,
+        "skipped": list(skipped),
+        "duplicates": list(duplicates),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, ensure_ascii=False)
+    return manifest
 
 
 IVF_TRAIN_PER_LIST = 64  # k-means sample per list: FAISS wants >= 39; more costs minutes at 1M on 2 cores

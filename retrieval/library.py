@@ -104,3 +104,18 @@ def build_style_db(root, clip, image_folder, db_name, mode=BUILD_MODES[0], batch
     logs += [f"skipped {item['path']}: {item['reason']}" for item in summary["skipped"][:SKIPPED_IN_REPORT]]
     db = load_db(out)
     return db, "\n".join(logs + ["", db.info_text()])
+
+
+def import_style_db(root, source, db_name, fmt="auto", architecture="ViT-L-14", index="auto", style="",
+                    progress=NO_PROGRESS):
+    """The Style DB Import node's work: import the precomputed embeddings of ``source`` (no images) as database
+    ``db_name`` under ``root``; returns (the loaded StyleDB, report text). Resumes an interrupted import."""
+    from .importers.formats import import_source
+
+    name = check_db_name(db_name)
+    logs = []
+    summary = import_source(source, os.path.join(root, name), fmt, architecture.strip() or "ViT-L-14",
+                            index=index, style=style.strip() or None, progress=progress, log=logs.append)
+    logs.append(f"imported {summary['count']} rows from {summary['parts']} {summary['format']} part(s)")
+    db = load_db(summary["path"])
+    return db, "\n".join(logs + ["", db.info_text()])

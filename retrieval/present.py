@@ -34,6 +34,9 @@ def preview_batch(paths, size=224):
 
     tiles, missing = [], []
     for p in paths:
+        if not p:  # a row without an image (imported embeddings)
+            tiles.append(no_image_tile(size))
+            continue
         try:
             with Image.open(p) as img:
                 tiles.append(letterbox(img, size))
@@ -45,6 +48,17 @@ def preview_batch(paths, size=224):
     return torch.stack(tiles), missing
 
 
+def no_image_tile(size):
+    """A grey tile that says "no image" (the preview of a row imported without its image)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (size, size), (96, 96, 96))
+    draw = ImageDraw.Draw(canvas)
+    box = draw.textbbox((0, 0), "no image")
+    draw.text(((size - (box[2] - box[0])) // 2, (size - (box[3] - box[1])) // 2), "no image", fill=(235, 235, 235))
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
+
+
 def report(neighbors, db_name="", query_desc="", missing=()):
     """Human-readable table of the neighbours (rank, score, artist, style, genre, title, year)."""
     lines = [f"style retrieval from '{db_name}' ({neighbors.embedder_name}): {len(neighbors)} neighbour(s)"
@@ -54,7 +68,7 @@ def report(neighbors, db_name="", query_desc="", missing=()):
     for i, (s, m) in enumerate(zip(neighbors.scores, neighbors.metadata), 1):
         lines.append(f"{i:2d}. {s:.3f}  {m.get('artist') or '?'} | {m.get('style') or '?'} | "
                      f"{m.get('genre') or '-'} | {m.get('title') or os.path.basename(m.get('path', ''))}"
-                     f"{' (' + str(m['year']) + ')' if m.get('year') else ''}")
+                     f"{' (' + str(m['year']) + ')' if m.get('year') else ''}{'' if m.get('path') else ' [no image]'}")
     if missing:
         lines.append(f"{len(missing)} image file(s) not found for the preview (moved since the build?), e.g. "
                      f"{missing[0]}")

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PURE = ["samplers", "prompt_ext", "retrieval", "upscale", "training", "common", "runner", "metrics", "nodes"]
+PURE = ["samplers", "prompt_ext", "retrieval", "upscale", "training", "common", "runner", "metrics", "nodes", "rdm"]
 ALLOWED = set()
 FORBIDDEN = {
     "comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes",

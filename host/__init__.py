@@ -11,4 +11,5 @@ static and unit tests) and inside it nothing is imported before ComfyUI has set 
 - ``host.progress``: the progress protocol on ComfyUI's ProgressBar and interrupt; text shown on a node.
 - ``host.sampling``: sampler and scheduler lists, sigma schedules, SAMPLER objects, guiders, conditioning.
 - ``host.models``: devices and memory, safe file loading, checkpoints, LoRA, TAESD, CLIP vision outputs.
+- ``host.rdm``: the retrieval-augmented diffusion model's model config, 16-channel latent format and KL-f16 VAE.
 """

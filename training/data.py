@@ -81,7 +81,7 @@ def build_caption(meta: dict, sidecar: str | None, mode: str, template: str, tri
 
 
 def scan_folder(root: str, resolution: int, caption_mode: str = "both", template: str = DEFAULT_TEMPLATE,
-                trigger: str = "", artist: str = "", small_images: str = "error",
+                trigger: str = "", artist: str = "", small_images: str = "skip",
                 metadata_file: str | None = None) -> ScanResult:
     """Walk ``root`` for images, parse names, build captions, check sizes.
 
@@ -178,8 +178,16 @@ def _sample(path, rel, size, table, caption_mode, template, trigger, artist):
 
 
 # ---------------------------------------------------------------- images
-def load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """RGB float tensor [3, H, W] in [0, 1], resized to cover ``size`` (w, h) then centre-cropped."""
+def cover_size(image_size: tuple[int, int], size: tuple[int, int], step: int = 8) -> tuple[int, int]:
+    """(w, h) of the image scaled to cover ``size``, each side a multiple of ``step`` and at least ``size``'s."""
+    (iw, ih), (w, h) = image_size, size
+    scale = max(w / iw, h / ih)
+    return max(w, round(iw * scale) // step * step), max(h, round(ih * scale) // step * step)
+
+
+def load_image(path: str, size: tuple[int, int], cover: bool = False, flip: bool = False) -> torch.Tensor:
+    """RGB float tensor [3, H, W] in [0, 1], resized to cover ``size`` (w, h) then centre-cropped to it; with
+    ``cover`` the whole covering image (sides multiples of 8, for random crops of its latent); ``flip`` mirrors."""
     from PIL import Image, ImageOps
 
     w, h = size
@@ -188,8 +196,12 @@ def load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
         scale = max(w / im.width, h / im.height)
         nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
         im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        if cover:
+            w, h = cover_size((im.width, im.height), size)
         left, top = (nw - w) // 2, (nh - h) // 2
         im = im.crop((left, top, left + w, top + h))
+        if flip:
+            im = ImageOps.mirror(im)
         data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     return data.view(h, w, 3).permute(2, 0, 1).float() / 255.0
 
@@ -249,58 +261,86 @@ def assign_buckets(samples: list[Sample], resolution: int, use_buckets: bool = T
 
 
 # ---------------------------------------------------------------- latent cache
-def latent_cache_key(content_hash: str, vae_hash: str, bucket: tuple[int, int]) -> str:
-    return hashlib.sha256(f"{content_hash}|{vae_hash}|{bucket[0]}x{bucket[1]}".encode()).hexdigest()[:32]
+def latent_cache_key(content_hash: str, vae_hash: str, bucket: tuple[int, int], variant: str = "") -> str:
+    extra = f"|{variant}" if variant else ""
+    return hashlib.sha256(f"{content_hash}|{vae_hash}|{bucket[0]}x{bucket[1]}{extra}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class CachedLatents:
+    """What :func:`cache_latents` gives: one LatentItem per kept sample, and the images it could not read."""
+
+    items: list
+    samples: list
+    skipped: list = field(default_factory=list)  # (path, reason)
 
 
 def cache_latents(samples: list[Sample], encode_fn, cache_dir: str, vae_hash: str,
-                  progress: Progress = NO_PROGRESS) -> list[torch.Tensor]:
-    """Latent per sample, read from ``cache_dir`` or computed with ``encode_fn(images[B,3,H,W]) → latents``.
+                  progress: Progress = NO_PROGRESS, flip: bool = False, crop: bool = False) -> CachedLatents:
+    """Latents per sample, read from ``cache_dir`` or computed with ``encode_fn(images[B,3,H,W]) → latents``.
 
-    Files are keyed by image content hash + VAE hash + bucket, so renaming images keeps the cache and
-    changing the VAE or resolution does not reuse stale latents. ``progress.update(done, len(samples))`` after
-    each sample, ``progress.check_interrupt()`` before it: an interrupted run keeps what it cached.
+    Files are keyed by image content hash + VAE hash + bucket (+ "cover" for random crops, whose latent covers
+    the whole resized image, and "flip" for the mirrored copy), so renaming images keeps the cache and changing
+    the VAE or resolution does not reuse stale latents. An image that cannot be decoded (truncated, corrupt) is
+    skipped and listed, not fatal. ``progress.update(done, len(samples))`` after each sample,
+    ``progress.check_interrupt()`` before it: an interrupted run keeps what it cached.
     """
-    from safetensors.torch import load_file, save_file
+    from .diffusion import LatentItem
 
-    out = []
+    out = CachedLatents([], [])
     for i, s in enumerate(samples):
         progress.check_interrupt()
-        path = os.path.join(cache_dir, latent_cache_key(s.content_hash, vae_hash, s.bucket) + ".safetensors")
-        lat = None
-        if os.path.exists(path):
-            try:
-                lat = load_file(path)["latent"]
-            except Exception:
-                lat = None  # damaged cache file: recompute
-        if lat is None:
-            img = load_image(s.path, s.bucket).unsqueeze(0)
-            lat = encode_fn(img)[0].detach().float().cpu().contiguous()
-            if not torch.isfinite(lat).all():
-                raise DataError(f"the VAE produced non-finite latents for {s.path}: the checkpoint's VAE is broken")
-            atomic_write(path, lambda tmp: save_file({"latent": lat}, tmp, metadata={"source": s.meta.get("path", ""),
-                                                                                      "bucket": f"{s.bucket[0]}x{s.bucket[1]}"}))
-        out.append(lat)
+        try:
+            lat = _cached_latent(s, encode_fn, cache_dir, vae_hash, crop, False)
+            mirrored = _cached_latent(s, encode_fn, cache_dir, vae_hash, crop, True) if flip else None
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken image data
+            out.skipped.append((s.path, f"unreadable image: {e}"))
+        else:
+            out.items.append(LatentItem(lat, (s.bucket[1] // 8, s.bucket[0] // 8), mirrored))
+            out.samples.append(s)
         progress.update(i + 1, len(samples))
     return out
 
 
+def _cached_latent(s, encode_fn, cache_dir, vae_hash, cover, flip):
+    from safetensors.torch import load_file, save_file
+
+    variant = "+".join(v for v, on in (("cover", cover), ("flip", flip)) if on)
+    path = os.path.join(cache_dir, latent_cache_key(s.content_hash, vae_hash, s.bucket, variant) + ".safetensors")
+    if os.path.exists(path):
+        try:
+            return load_file(path)["latent"]
+        except Exception:  # damaged cache file: recompute
+            pass
+    img = load_image(s.path, s.bucket, cover=cover, flip=flip).unsqueeze(0)
+    lat = encode_fn(img)[0].detach().float().cpu().contiguous()
+    if not torch.isfinite(lat).all():
+        raise DataError(f"the VAE produced non-finite latents for {s.path}: the checkpoint's VAE is broken")
+    md = {"source": s.meta.get("path", ""), "bucket": f"{s.bucket[0]}x{s.bucket[1]}", "variant": variant}
+    atomic_write(path, lambda tmp: save_file({"latent": lat}, tmp, metadata=md))
+    return lat
+
+
 # ---------------------------------------------------------------- batches
 class BucketBatchSampler:
-    """Deterministic global batches from one bucket at a time, sharded over ranks.
+    """Deterministic global batches from one bucket at a time: ``batch_size × world_size × accum`` items per
+    optimiser step.
 
     Epoch e shuffles with seed+e; a bucket's last incomplete batch is filled by cycling that bucket, so no
-    image is dropped and every rank gets the same number of items. Rank r takes slice r of each global batch,
-    so 2 ranks × batch B see exactly the items of 1 rank × batch 2B.
+    image is dropped and every rank gets the same number of items. Micro-batch m of rank r is slice
+    ``m·world + r`` of the global batch (:meth:`local`), so 2 ranks × batch B, or 2 accumulated micro-batches
+    of B, see exactly the items of 1 rank × batch 2B.
     """
 
-    def __init__(self, buckets: list, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, buckets: list, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 accum: int = 1):
         self.keys = list(buckets)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.global_batch = batch_size * world_size
+        self.accum = accum
+        self.global_batch = batch_size * world_size * accum
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed + 1000003 * epoch)
@@ -317,8 +357,9 @@ class BucketBatchSampler:
         order = torch.randperm(len(batches), generator=g).tolist()
         return [batches[o] for o in order]
 
-    def local(self, global_batch: list[int]) -> list[int]:
-        return global_batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+    def local(self, global_batch: list[int], micro: int = 0) -> list[int]:
+        lo = (micro * self.world_size + self.rank) * self.batch_size
+        return global_batch[lo:lo + self.batch_size]
 
     def batches_per_epoch(self) -> int:
         counts = {}

@@ -38,7 +38,7 @@ def test_config_file_merges_under_typed_flags(tmp_path):
         fa.resolve_config(["--config", str(cfg_file)])
     with pytest.raises(SystemExit, match="--data is required"):
         fa.resolve_config(["--checkpoint", "x"])
-    with pytest.raises(SystemExit, match="needs --train-text-encoder"):
+    with pytest.raises(SystemExit, match="need --train-text-encoder"):
         fa.resolve_config(["--data", "d", "--checkpoint", "c", "--text-encoder-only-steps", "3"])
 
 
@@ -88,10 +88,13 @@ def test_run_full_checkpoint_export_and_bad_resume(folder):
         _run(folder, folder / "empty", "--steps", "1", "--resume")
 
 
-def test_small_images_refused_with_clear_error(folder):
+def test_small_images_skipped_by_default_or_refused_on_request(folder):
+    base = ["--data", str(folder / "data"), "--checkpoint", str(folder / "base.safetensors"), "--resolution", "128"]
+    with pytest.raises(SystemExit, match="no usable images.*smaller than 128x128"):
+        fa.run(fa.resolve_config(base + ["--output", str(folder / "o")]), backend_factory=ToyBackend)
     with pytest.raises(SystemExit, match="smaller than the training resolution 128x128"):
-        fa.run(fa.resolve_config(["--data", str(folder / "data"), "--checkpoint", str(folder / "base.safetensors"),
-                                  "--output", str(folder / "o"), "--resolution", "128"]), backend_factory=ToyBackend)
+        fa.run(fa.resolve_config(base + ["--output", str(folder / "p"), "--small-images", "error"]),
+               backend_factory=ToyBackend)
 
 
 def test_clip_filter_through_the_cli_with_the_pack_embedder(folder, capsys):

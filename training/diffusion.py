@@ -239,6 +239,6 @@ class ValidationSet:
                 noise = torch.stack([c[2] for c in chunk]).to(device)
                 t = torch.tensor([c[3] for c in chunk], device=device)
                 loss = task.loss(x0, [c[1] for c in chunk], noise, t, weighted=False)
-                total += float(loss) * len(chunk)
+                total += float(loss.detach()) * len(chunk)
                 count += len(chunk)
         return total / count

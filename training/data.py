@@ -6,6 +6,7 @@ everything here is tested without ComfyUI.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from ..common.files import atomic_write, file_sha256
 from ..common.progress import NO_PROGRESS, Progress
 
 DEFAULT_TEMPLATE = "a {genre} painting by {artist}, {style}, {year}"
+MANIFEST = ".atelier_captions.json"  # what python -m training caption wrote into a data folder
 CAPTION_MODES = ("template", "sidecar", "both")
 
 
@@ -96,6 +98,7 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
     except (OSError, MetadataError) as e:
         raise DataError(f"cannot use metadata file {metadata_file}: {e}") from e
     paths = image_paths(root)
+    manifest = read_manifest(root)
     samples, skipped, small = [], [], []
     for p in paths:
         rel = os.path.normpath(os.path.relpath(p, root))
@@ -105,7 +108,7 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
         elif reason:
             skipped.append((p, reason))
         else:
-            sample, reason = _sample(p, rel, size, table, caption_mode, template, trigger, artist)
+            sample, reason = _sample(p, rel, size, table, caption_mode, template, trigger, artist, manifest, root)
             if sample is None:
                 skipped.append((p, reason))
             else:
@@ -161,8 +164,9 @@ def _image_size(path, resolution, small_images):
     return (w, h), None
 
 
-def _sample(path, rel, size, table, caption_mode, template, trigger, artist):
-    """(Sample, None), or (None, reason) when caption mode "sidecar" finds no caption file."""
+def _sample(path, rel, size, table, caption_mode, template, trigger, artist, manifest, root):
+    """(Sample, None), or (None, reason) when caption mode "sidecar" finds no caption file or the CLIP filter
+    of ``python -m training caption`` dropped the image's machine caption."""
     meta = row_metadata(rel.replace(os.sep, "/"), table)  # WikiArt name + metadata-file columns
     if artist:
         meta["artist"] = artist
@@ -171,10 +175,43 @@ def _sample(path, rel, size, table, caption_mode, template, trigger, artist):
     if os.path.exists(sidecar_path):
         with open(sidecar_path, encoding="utf-8") as f:
             sidecar = f.read()
-    elif caption_mode == "sidecar":
+    machine = machine_entry(root, rel.replace(os.sep, "/"), sidecar, manifest)
+    if machine and machine.get("dropped") and caption_mode != "template":
+        return None, f"its machine caption was dropped by the CLIP filter (similarity {machine.get('score')})"
+    if sidecar is None and caption_mode == "sidecar":
         return None, f"no caption file {os.path.basename(sidecar_path)} (caption mode 'sidecar')"
+    if machine and machine.get("merged") and caption_mode == "both":
+        caption_mode = "sidecar"  # the machine caption already holds the metadata template
     caption = build_caption(meta, sidecar, caption_mode, template, trigger)
     return Sample(path, caption, meta, size[0], size[1], file_sha256(path)), None
+
+
+# ---------------------------------------------------------------- machine captions (python -m training caption)
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_manifest(root: str) -> dict:
+    """{"entries": {relative path: entry}} of a folder ({} entries when it has none or it is unreadable)."""
+    try:
+        with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and isinstance(data.get("entries"), dict):
+            return data
+    except (OSError, ValueError):
+        pass
+    return {"entries": {}}
+
+
+def machine_entry(root: str, rel: str, sidecar_text: str | None, manifest: dict | None = None) -> dict | None:
+    """The manifest entry of ``rel`` if its sidecar is still the one this tool wrote (or it was dropped by the
+    CLIP filter and has no sidecar); None for the user's own captions."""
+    entry = (manifest or read_manifest(root))["entries"].get(rel)
+    if not entry:
+        return None
+    if entry.get("dropped"):
+        return entry if sidecar_text is None else None
+    return entry if sidecar_text is not None and text_hash(sidecar_text) == entry.get("sha256") else None
 
 
 # ---------------------------------------------------------------- images
@@ -190,19 +227,26 @@ def load_image(path: str, size: tuple[int, int], cover: bool = False, flip: bool
     ``cover`` the whole covering image (sides multiples of 8, for random crops of its latent); ``flip`` mirrors."""
     from PIL import Image, ImageOps
 
-    w, h = size
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        scale = max(w / im.width, h / im.height)
-        nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        if cover:
-            w, h = cover_size((im.width, im.height), size)
-        left, top = (nw - w) // 2, (nh - h) // 2
-        im = im.crop((left, top, left + w, top + h))
-        if flip:
-            im = ImageOps.mirror(im)
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        return pil_to_tensor(ImageOps.exif_transpose(im), size, cover, flip)
+
+
+def pil_to_tensor(im, size: tuple[int, int], cover: bool = False, flip: bool = False) -> torch.Tensor:
+    """A PIL image as :func:`load_image` gives it."""
+    from PIL import Image, ImageOps
+
+    w, h = size
+    im = im.convert("RGB")
+    scale = max(w / im.width, h / im.height)
+    nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    if cover:
+        w, h = cover_size((im.width, im.height), size)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    im = im.crop((left, top, left + w, top + h))
+    if flip:
+        im = ImageOps.mirror(im)
+    data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     return data.view(h, w, 3).permute(2, 0, 1).float() / 255.0
 
 

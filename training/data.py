@@ -337,13 +337,17 @@ def cache_latents(samples: list[Sample], encode_fn, cache_dir: str, vae_hash: st
         try:
             lat = _cached_latent(s, encode_fn, cache_dir, vae_hash, crop, False)
             mirrored = _cached_latent(s, encode_fn, cache_dir, vae_hash, crop, True) if flip else None
-        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken image data
+        except _Unreadable as e:
             out.skipped.append((s.path, f"unreadable image: {e}"))
         else:
             out.items.append(LatentItem(lat, (s.bucket[1] // 8, s.bucket[0] // 8), mirrored))
             out.samples.append(s)
         progress.update(i + 1, len(samples))
     return out
+
+
+class _Unreadable(Exception):
+    pass
 
 
 def _cached_latent(s, encode_fn, cache_dir, vae_hash, cover, flip):
@@ -356,12 +360,19 @@ def _cached_latent(s, encode_fn, cache_dir, vae_hash, cover, flip):
             return load_file(path)["latent"]
         except Exception:  # damaged cache file: recompute
             pass
-    img = load_image(s.path, s.bucket, cover=cover, flip=flip).unsqueeze(0)
+    try:
+        img = load_image(s.path, s.bucket, cover=cover, flip=flip).unsqueeze(0)
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken image data
+        raise _Unreadable(str(e)) from None
     lat = encode_fn(img)[0].detach().float().cpu().contiguous()
     if not torch.isfinite(lat).all():
         raise DataError(f"the VAE produced non-finite latents for {s.path}: the checkpoint's VAE is broken")
     md = {"source": s.meta.get("path", ""), "bucket": f"{s.bucket[0]}x{s.bucket[1]}", "variant": variant}
-    atomic_write(path, lambda tmp: save_file({"latent": lat}, tmp, metadata=md))
+    try:
+        atomic_write(path, lambda tmp: save_file({"latent": lat}, tmp, metadata=md))
+    except OSError as e:
+        raise DataError(f"cannot write the latent cache in {cache_dir!r}: {e}. Free space or give a writable "
+                        "--cache-dir; what was cached so far is kept") from None
     return lat
 
 

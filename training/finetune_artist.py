@@ -355,14 +355,17 @@ def _cached_latents(cfg, samples, backend, out, acc, say):
     cache_dir = cfg["cache_dir"] or os.path.join(out, "latent_cache")
     vae_hash = backend.vae_hash()
     opts = dict(flip=cfg["flip"], crop=cfg["random_crop"])
-    if acc.is_main_process:
-        progress = TqdmProgress("caching latents", unit="image", enabled=cfg["progress"])
-        try:
-            cache_latents(samples, backend.vae_encode, cache_dir, vae_hash, progress, **opts)
-        finally:
-            progress.close()
-    acc.wait_for_everyone()
-    cached = cache_latents(samples, backend.vae_encode, cache_dir, vae_hash, **opts)
+    try:
+        if acc.is_main_process:
+            progress = TqdmProgress("caching latents", unit="image", enabled=cfg["progress"])
+            try:
+                cache_latents(samples, backend.vae_encode, cache_dir, vae_hash, progress, **opts)
+            finally:
+                progress.close()
+        acc.wait_for_everyone()
+        cached = cache_latents(samples, backend.vae_encode, cache_dir, vae_hash, **opts)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
     for path, reason in cached.skipped:
         say(f"skipped {path}: {reason}")
     if not cached.samples:

@@ -199,8 +199,9 @@ def main(argv=None) -> int:
         captioner = Captioner(args.model, args.device, args.max_new_tokens, args.num_beams)
         embedder = None
         if args.clip_filter:
-            from ..retrieval.embedder import load_open_clip
+            from ..retrieval.embedder import load_open_clip, register_folder_configs
 
+            register_folder_configs([os.path.dirname(os.path.abspath(args.clip_weights))])
             embedder = load_open_clip(args.clip_model, args.clip_weights, device=str(captioner.device))
     except (DataError, CaptionError) as e:
         raise SystemExit(f"error: {e}")

@@ -267,11 +267,13 @@ def _accelerator(cfg):
 
 
 def load_clip_embedder(cfg, device):
-    """The open_clip embedder of the style databases (retrieval/) for the similarity filter."""
-    from ..retrieval.embedder import load_open_clip
+    """The open_clip embedder of the style databases (retrieval/) for the similarity filter (an architecture
+    config ``<name>.json`` beside the weights file is registered first)."""
+    from ..retrieval.embedder import load_open_clip, register_folder_configs
 
     if not cfg["clip_weights"]:
         raise SystemExit("error: --clip-filter needs --clip-weights (an open_clip weights file for --clip-model)")
+    register_folder_configs([os.path.dirname(os.path.abspath(cfg["clip_weights"]))])
     return load_open_clip(cfg["clip_model"], cfg["clip_weights"], device=str(device))
 
 

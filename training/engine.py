@@ -436,11 +436,9 @@ class Engine:
     def _periodic(self, result, final: bool):
         """Validation, hooks and the periodic checkpoint after a step (``final``: after the last one)."""
         cfg, step = self.cfg, self.step
-        if self.val_fn is not None and (final or (cfg.validate_every and step % cfg.validate_every == 0)):
-            if final and step in result.val_losses:
-                pass
-            else:
-                result.val_losses[step] = self.validate()
+        due = final or (cfg.validate_every and step % cfg.validate_every == 0)
+        if self.val_fn is not None and due and step not in result.val_losses:
+            result.val_losses[step] = self.validate()
         for hook in self.hooks:
             if (hook.at_end if final else (hook.due(step, cfg.steps_per_epoch) and step < cfg.steps)):
                 self.run_on_main(hook.fn, self)

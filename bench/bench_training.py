@@ -5,7 +5,9 @@ Run from the pack root with ComfyUI's Python, ComfyUI found through COMFYUI_PATH
     COMFYUI_PATH=~/ComfyUI ~/ComfyUI/.venv/bin/python -m bench.bench_training \\
         --checkpoint tiny_sd15.safetensors [--resolution 64] [--steps 5]
 
-Each configuration runs in its own process (so peak RSS is per configuration). Figures printed:
+The step is the trainer engine's (accelerate, training/engine.py) over the diffusion task, as
+``python -m training finetune`` runs it. Each configuration runs in its own process (so peak RSS is per
+configuration). Figures printed:
 it/s, peak process memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU) and the bytes autograd
 saves for backward in one step (what gradient checkpointing trades for recomputation). On a CPU use the
 tiny random SD1.5 checkpoint (the one ``python -m runner WORKFLOW --tiny`` builds and caches; speed and
@@ -30,26 +32,25 @@ def worker(args):
 
     from atelier.training.comfy_backend import SD1Backend
     from atelier.training.data import BucketBatchSampler
-    from atelier.training.loop import TrainConfig, Trainer, enable_gradient_checkpointing
+    from atelier.training.diffusion import DiffusionOptions, DiffusionTask, LatentItem
+    from atelier.training.engine import Engine, EngineConfig, ParamGroup, enable_gradient_checkpointing, make_accelerator
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     mp = "bf16" if cuda else "no"
-    backend = SD1Backend(args.checkpoint, device="cuda" if cuda else "cpu",
-                         weight_dtype=torch.bfloat16 if cuda else torch.float32)
+    acc = make_accelerator(mp, cpu=not cuda)
+    backend = SD1Backend(args.checkpoint, device=str(acc.device), weight_dtype=torch.bfloat16 if cuda else torch.float32)
     groups = backend.inject(16, 16.0, "attention", False)
-    params = {"unet": {f"{p}.{n}": getattr(m, n).weight for p, m in groups["lora_unet"].items()
-                       for n in ("lora_down", "lora_up")}}
-    for p in params["unet"].values():
-        p.requires_grad_(True)
+    params = {f"{p}.{n}": getattr(m, n).weight for p, m in groups["lora_unet"].items() for n in ("lora_down", "lora_up")}
     if args.gc:
         enable_gradient_checkpointing(backend.checkpoint_modules())
     r = args.resolution // 8
-    latents = [torch.randn(4, r, r)]
+    items = [LatentItem(torch.randn(4, r, r), (r, r))]
     sampler = BucketBatchSampler([(args.resolution, args.resolution)], 1, 0)
-    tr = Trainer(TrainConfig(steps=10 ** 6, mixed_precision=mp), backend.unet_fn, backend.encode_fn, backend.schedule,
-                 params, latents, ["a painting by Claude Monet, Impressionism"], sampler, args.tmp,
-                 device=backend.device)
+    task = DiffusionTask(backend.unet, backend.te, backend.unet_fn, backend.encode_fn, backend.schedule, items,
+                         ["a painting by Claude Monet, Impressionism"], sampler, DiffusionOptions(), 0)
+    engine = Engine(EngineConfig(steps=10 ** 6, mixed_precision=mp), acc, task, {"unet": ParamGroup(params, 1e-4)},
+                    task.batch, args.tmp, log=False)
 
     saved = [0]
     weights = {p.untyped_storage().data_ptr() for m in (backend.unet, backend.te) for p in m.parameters()}
@@ -60,13 +61,13 @@ def worker(args):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        tr.train_step()  # warm-up step, also measures what autograd keeps for backward
+        engine.train_step()  # warm-up step, also measures what autograd keeps for backward
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        tr.train_step()
+        engine.train_step()
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""An SD 1.x checkpoint loaded with ComfyUI's own loader (through the host seam), exposed to the pure loop as
+"""An SD 1.x checkpoint loaded with ComfyUI's own loader (through the host seam), exposed to the pure training task as
 plain callables.
 
 Only the raw torch modules are used for training (``model.model.diffusion_model``, the CLIP-L
@@ -68,7 +68,7 @@ class SD1Backend:
         self.te.to(self.device).requires_grad_(False)
         self.te.execution_device = None
         ms = model.model.model_sampling
-        from .loop import NoiseSchedule
+        from .diffusion import NoiseSchedule
         prediction = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}.get(model.model.model_type.name)
         if prediction is None:
             raise BackendError(f"unsupported prediction type {model.model.model_type.name} (need EPS or V_PREDICTION)")
@@ -98,6 +98,11 @@ class SD1Backend:
         lat = self.vae.encode(images.movedim(1, -1))
         return self.model.model.latent_format.process_in(lat.float())
 
+    @torch.no_grad()
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → [B,H,W,3] images in [0,1] (for the sample images)."""
+        return self.vae.decode(self.model.model.latent_format.process_out(latents.float())).clamp(0, 1)
+
     def vae_hash(self) -> str:
         h = hashlib.sha256()
         for k, v in sorted(self.vae.get_sd().items()):
@@ -106,13 +111,15 @@ class SD1Backend:
         return h.hexdigest()
 
     # -- what to train
-    def inject(self, rank: int, alpha: float, unet_targets: str = "attention", train_text_encoder: bool = False):
+    def inject(self, rank: int, alpha: float, unet_targets: str = "attention", train_text_encoder: bool = False,
+               seed: int = 0):
         patterns = UNET_ALL_TARGETS if unet_targets == "all" else UNET_ATTENTION_TARGETS
-        groups = {"lora_unet": inject_lora(self.unet, patterns, rank, alpha)}
+        groups = {"lora_unet": inject_lora(self.unet, patterns, rank, alpha, seed=seed, prefix="lora_unet.")}
         for m in groups["lora_unet"].values():
             m.to(self.device)
         if train_text_encoder:
-            groups["lora_te"] = inject_lora(self.te_root, TEXT_ENCODER_TARGETS, rank, alpha)
+            groups["lora_te"] = inject_lora(self.te_root, TEXT_ENCODER_TARGETS, rank, alpha, seed=seed,
+                                            prefix="lora_te.")
             for m in groups["lora_te"].values():
                 m.to(self.device)
         return groups

@@ -6,6 +6,7 @@ everything here is tested without ComfyUI.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from ..common.files import atomic_write, file_sha256
 from ..common.progress import NO_PROGRESS, Progress
 
 DEFAULT_TEMPLATE = "a {genre} painting by {artist}, {style}, {year}"
+MANIFEST = ".atelier_captions.json"  # what python -m training caption wrote into a data folder
 CAPTION_MODES = ("template", "sidecar", "both")
 
 
@@ -81,7 +83,7 @@ def build_caption(meta: dict, sidecar: str | None, mode: str, template: str, tri
 
 
 def scan_folder(root: str, resolution: int, caption_mode: str = "both", template: str = DEFAULT_TEMPLATE,
-                trigger: str = "", artist: str = "", small_images: str = "error",
+                trigger: str = "", artist: str = "", small_images: str = "skip",
                 metadata_file: str | None = None) -> ScanResult:
     """Walk ``root`` for images, parse names, build captions, check sizes.
 
@@ -96,6 +98,7 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
     except (OSError, MetadataError) as e:
         raise DataError(f"cannot use metadata file {metadata_file}: {e}") from e
     paths = image_paths(root)
+    manifest = read_manifest(root)
     samples, skipped, small = [], [], []
     for p in paths:
         rel = os.path.normpath(os.path.relpath(p, root))
@@ -105,7 +108,7 @@ def scan_folder(root: str, resolution: int, caption_mode: str = "both", template
         elif reason:
             skipped.append((p, reason))
         else:
-            sample, reason = _sample(p, rel, size, table, caption_mode, template, trigger, artist)
+            sample, reason = _sample(p, rel, size, table, caption_mode, template, trigger, artist, manifest, root)
             if sample is None:
                 skipped.append((p, reason))
             else:
@@ -161,8 +164,9 @@ def _image_size(path, resolution, small_images):
     return (w, h), None
 
 
-def _sample(path, rel, size, table, caption_mode, template, trigger, artist):
-    """(Sample, None), or (None, reason) when caption mode "sidecar" finds no caption file."""
+def _sample(path, rel, size, table, caption_mode, template, trigger, artist, manifest, root):
+    """(Sample, None), or (None, reason) when caption mode "sidecar" finds no caption file or the CLIP filter
+    of ``python -m training caption`` dropped the image's machine caption."""
     meta = row_metadata(rel.replace(os.sep, "/"), table)  # WikiArt name + metadata-file columns
     if artist:
         meta["artist"] = artist
@@ -171,26 +175,78 @@ def _sample(path, rel, size, table, caption_mode, template, trigger, artist):
     if os.path.exists(sidecar_path):
         with open(sidecar_path, encoding="utf-8") as f:
             sidecar = f.read()
-    elif caption_mode == "sidecar":
+    machine = machine_entry(root, rel.replace(os.sep, "/"), sidecar, manifest)
+    if machine and machine.get("dropped") and caption_mode != "template":
+        return None, f"its machine caption was dropped by the CLIP filter (similarity {machine.get('score')})"
+    if sidecar is None and caption_mode == "sidecar":
         return None, f"no caption file {os.path.basename(sidecar_path)} (caption mode 'sidecar')"
+    if machine and machine.get("merged") and caption_mode == "both":
+        caption_mode = "sidecar"  # the machine caption already holds the metadata template
     caption = build_caption(meta, sidecar, caption_mode, template, trigger)
     return Sample(path, caption, meta, size[0], size[1], file_sha256(path)), None
 
 
+# ---------------------------------------------------------------- machine captions (python -m training caption)
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_manifest(root: str) -> dict:
+    """{"entries": {relative path: entry}} of a folder ({} entries when it has none or it is unreadable)."""
+    try:
+        with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and isinstance(data.get("entries"), dict):
+            return data
+    except (OSError, ValueError):
+        pass
+    return {"entries": {}}
+
+
+def machine_entry(root: str, rel: str, sidecar_text: str | None, manifest: dict | None = None) -> dict | None:
+    """The manifest entry of ``rel`` if its sidecar is still the one this tool wrote (or it was dropped by the
+    CLIP filter and has no sidecar); None for the user's own captions."""
+    entry = (manifest or read_manifest(root))["entries"].get(rel)
+    if not entry:
+        return None
+    if entry.get("dropped"):
+        return entry if sidecar_text is None else None
+    return entry if sidecar_text is not None and text_hash(sidecar_text) == entry.get("sha256") else None
+
+
 # ---------------------------------------------------------------- images
-def load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """RGB float tensor [3, H, W] in [0, 1], resized to cover ``size`` (w, h) then centre-cropped."""
+def cover_size(image_size: tuple[int, int], size: tuple[int, int], step: int = 8) -> tuple[int, int]:
+    """(w, h) of the image scaled to cover ``size``, each side a multiple of ``step`` and at least ``size``'s."""
+    (iw, ih), (w, h) = image_size, size
+    scale = max(w / iw, h / ih)
+    return max(w, round(iw * scale) // step * step), max(h, round(ih * scale) // step * step)
+
+
+def load_image(path: str, size: tuple[int, int], cover: bool = False, flip: bool = False) -> torch.Tensor:
+    """RGB float tensor [3, H, W] in [0, 1], resized to cover ``size`` (w, h) then centre-cropped to it; with
+    ``cover`` the whole covering image (sides multiples of 8, for random crops of its latent); ``flip`` mirrors."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        return pil_to_tensor(ImageOps.exif_transpose(im), size, cover, flip)
+
+
+def pil_to_tensor(im, size: tuple[int, int], cover: bool = False, flip: bool = False) -> torch.Tensor:
+    """A PIL image as :func:`load_image` gives it."""
     from PIL import Image, ImageOps
 
     w, h = size
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        scale = max(w / im.width, h / im.height)
-        nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - w) // 2, (nh - h) // 2
-        im = im.crop((left, top, left + w, top + h))
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    im = im.convert("RGB")
+    scale = max(w / im.width, h / im.height)
+    nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    if cover:
+        w, h = cover_size((im.width, im.height), size)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    im = im.crop((left, top, left + w, top + h))
+    if flip:
+        im = ImageOps.mirror(im)
+    data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     return data.view(h, w, 3).permute(2, 0, 1).float() / 255.0
 
 
@@ -249,58 +305,97 @@ def assign_buckets(samples: list[Sample], resolution: int, use_buckets: bool = T
 
 
 # ---------------------------------------------------------------- latent cache
-def latent_cache_key(content_hash: str, vae_hash: str, bucket: tuple[int, int]) -> str:
-    return hashlib.sha256(f"{content_hash}|{vae_hash}|{bucket[0]}x{bucket[1]}".encode()).hexdigest()[:32]
+def latent_cache_key(content_hash: str, vae_hash: str, bucket: tuple[int, int], variant: str = "") -> str:
+    extra = f"|{variant}" if variant else ""
+    return hashlib.sha256(f"{content_hash}|{vae_hash}|{bucket[0]}x{bucket[1]}{extra}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class CachedLatents:
+    """What :func:`cache_latents` gives: one LatentItem per kept sample, and the images it could not read."""
+
+    items: list
+    samples: list
+    skipped: list = field(default_factory=list)  # (path, reason)
 
 
 def cache_latents(samples: list[Sample], encode_fn, cache_dir: str, vae_hash: str,
-                  progress: Progress = NO_PROGRESS) -> list[torch.Tensor]:
-    """Latent per sample, read from ``cache_dir`` or computed with ``encode_fn(images[B,3,H,W]) → latents``.
+                  progress: Progress = NO_PROGRESS, flip: bool = False, crop: bool = False) -> CachedLatents:
+    """Latents per sample, read from ``cache_dir`` or computed with ``encode_fn(images[B,3,H,W]) → latents``.
 
-    Files are keyed by image content hash + VAE hash + bucket, so renaming images keeps the cache and
-    changing the VAE or resolution does not reuse stale latents. ``progress.update(done, len(samples))`` after
-    each sample, ``progress.check_interrupt()`` before it: an interrupted run keeps what it cached.
+    Files are keyed by image content hash + VAE hash + bucket (+ "cover" for random crops, whose latent covers
+    the whole resized image, and "flip" for the mirrored copy), so renaming images keeps the cache and changing
+    the VAE or resolution does not reuse stale latents. An image that cannot be decoded (truncated, corrupt) is
+    skipped and listed, not fatal. ``progress.update(done, len(samples))`` after each sample,
+    ``progress.check_interrupt()`` before it: an interrupted run keeps what it cached.
     """
-    from safetensors.torch import load_file, save_file
+    from .diffusion import LatentItem
 
-    out = []
+    out = CachedLatents([], [])
     for i, s in enumerate(samples):
         progress.check_interrupt()
-        path = os.path.join(cache_dir, latent_cache_key(s.content_hash, vae_hash, s.bucket) + ".safetensors")
-        lat = None
-        if os.path.exists(path):
-            try:
-                lat = load_file(path)["latent"]
-            except Exception:
-                lat = None  # damaged cache file: recompute
-        if lat is None:
-            img = load_image(s.path, s.bucket).unsqueeze(0)
-            lat = encode_fn(img)[0].detach().float().cpu().contiguous()
-            if not torch.isfinite(lat).all():
-                raise DataError(f"the VAE produced non-finite latents for {s.path}: the checkpoint's VAE is broken")
-            atomic_write(path, lambda tmp: save_file({"latent": lat}, tmp, metadata={"source": s.meta.get("path", ""),
-                                                                                      "bucket": f"{s.bucket[0]}x{s.bucket[1]}"}))
-        out.append(lat)
+        try:
+            lat = _cached_latent(s, encode_fn, cache_dir, vae_hash, crop, False)
+            mirrored = _cached_latent(s, encode_fn, cache_dir, vae_hash, crop, True) if flip else None
+        except _Unreadable as e:
+            out.skipped.append((s.path, f"unreadable image: {e}"))
+        else:
+            out.items.append(LatentItem(lat, (s.bucket[1] // 8, s.bucket[0] // 8), mirrored))
+            out.samples.append(s)
         progress.update(i + 1, len(samples))
     return out
 
 
+class _Unreadable(Exception):
+    pass
+
+
+def _cached_latent(s, encode_fn, cache_dir, vae_hash, cover, flip):
+    from safetensors.torch import load_file, save_file
+
+    variant = "+".join(v for v, on in (("cover", cover), ("flip", flip)) if on)
+    path = os.path.join(cache_dir, latent_cache_key(s.content_hash, vae_hash, s.bucket, variant) + ".safetensors")
+    if os.path.exists(path):
+        try:
+            return load_file(path)["latent"]
+        except Exception:  # damaged cache file: recompute
+            pass
+    try:
+        img = load_image(s.path, s.bucket, cover=cover, flip=flip).unsqueeze(0)
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken image data
+        raise _Unreadable(str(e)) from None
+    lat = encode_fn(img)[0].detach().float().cpu().contiguous()
+    if not torch.isfinite(lat).all():
+        raise DataError(f"the VAE produced non-finite latents for {s.path}: the checkpoint's VAE is broken")
+    md = {"source": s.meta.get("path", ""), "bucket": f"{s.bucket[0]}x{s.bucket[1]}", "variant": variant}
+    try:
+        atomic_write(path, lambda tmp: save_file({"latent": lat}, tmp, metadata=md))
+    except OSError as e:
+        raise DataError(f"cannot write the latent cache in {cache_dir!r}: {e}. Free space or give a writable "
+                        "--cache-dir; what was cached so far is kept") from None
+    return lat
+
+
 # ---------------------------------------------------------------- batches
 class BucketBatchSampler:
-    """Deterministic global batches from one bucket at a time, sharded over ranks.
+    """Deterministic global batches from one bucket at a time: ``batch_size × world_size × accum`` items per
+    optimiser step.
 
     Epoch e shuffles with seed+e; a bucket's last incomplete batch is filled by cycling that bucket, so no
-    image is dropped and every rank gets the same number of items. Rank r takes slice r of each global batch,
-    so 2 ranks × batch B see exactly the items of 1 rank × batch 2B.
+    image is dropped and every rank gets the same number of items. Micro-batch m of rank r is slice
+    ``m·world + r`` of the global batch (:meth:`local`), so 2 ranks × batch B, or 2 accumulated micro-batches
+    of B, see exactly the items of 1 rank × batch 2B.
     """
 
-    def __init__(self, buckets: list, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, buckets: list, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 accum: int = 1):
         self.keys = list(buckets)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.global_batch = batch_size * world_size
+        self.accum = accum
+        self.global_batch = batch_size * world_size * accum
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed + 1000003 * epoch)
@@ -317,8 +412,9 @@ class BucketBatchSampler:
         order = torch.randperm(len(batches), generator=g).tolist()
         return [batches[o] for o in order]
 
-    def local(self, global_batch: list[int]) -> list[int]:
-        return global_batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+    def local(self, global_batch: list[int], micro: int = 0) -> list[int]:
+        lo = (micro * self.world_size + self.rank) * self.batch_size
+        return global_batch[lo:lo + self.batch_size]
 
     def batches_per_epoch(self) -> int:
         counts = {}

@@ -6,6 +6,7 @@ so the trainer writes exactly that and nothing else.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import Iterable
@@ -30,7 +31,8 @@ TEXT_ENCODER_TARGETS = (
 class LoRAModule(nn.Module):
     """``base(x) + multiplier * alpha/rank * up(down(x))``; ``up`` starts at zero so the wrap is the identity."""
 
-    def __init__(self, base: nn.Module, down: nn.Module, up: nn.Module, rank: int, alpha: float):
+    def __init__(self, base: nn.Module, down: nn.Module, up: nn.Module, rank: int, alpha: float,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.lora_down = down
@@ -38,7 +40,10 @@ class LoRAModule(nn.Module):
         self.rank = int(rank)
         self.alpha = float(alpha)
         self.multiplier = 1.0
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        with torch.no_grad():  # drawn on the CPU from ``generator`` so a seed gives the same factors anywhere
+            w = torch.empty(self.lora_down.weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+            self.lora_down.weight.copy_(w)
         nn.init.zeros_(self.lora_up.weight)
 
     @property
@@ -57,8 +62,9 @@ class LoRAModule(nn.Module):
         return (up @ down).reshape(self.base.weight.shape) * self.scale * self.multiplier
 
 
-def wrap_module(module: nn.Module, rank: int, alpha: float, dtype=torch.float32) -> LoRAModule | None:
-    """Wrap a Linear or a (groups=1) Conv2d; None for anything else."""
+def wrap_module(module: nn.Module, rank: int, alpha: float, dtype=torch.float32,
+                generator: torch.Generator | None = None) -> LoRAModule | None:
+    """Wrap a Linear or a (groups=1) Conv2d; None for anything else. ``generator`` draws the down factor."""
     device = module.weight.device
     if isinstance(module, nn.Linear):
         down = nn.Linear(module.in_features, rank, bias=False, device=device, dtype=dtype)
@@ -70,17 +76,26 @@ def wrap_module(module: nn.Module, rank: int, alpha: float, dtype=torch.float32)
         up = nn.Conv2d(rank, module.out_channels, 1, bias=False, device=device, dtype=dtype)
     else:
         return None
-    return LoRAModule(module, down, up, rank, alpha)
+    return LoRAModule(module, down, up, rank, alpha, generator)
+
+
+def module_generator(seed: int, path: str) -> torch.Generator:
+    """The generator of one LoRA module's initial factors: a function of the seed and the module's path only,
+    so the same seed gives the same initialisation whatever else the process drew before."""
+    digest = hashlib.sha256(f"{seed}|{path}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % (2 ** 63))
 
 
 def inject_lora(root: nn.Module, patterns: Iterable[str], rank: int, alpha: float,
-                dtype=torch.float32, include_conv3x3: bool = True) -> dict[str, LoRAModule]:
+                dtype=torch.float32, include_conv3x3: bool = True, seed: int = 0,
+                prefix: str = "") -> dict[str, LoRAModule]:
     """Replace every Linear/Conv2d under ``root`` whose dotted path matches a pattern; returns path → wrapper.
 
-    Base weights are frozen here; only the LoRA factors train.
+    Base weights are frozen here; only the LoRA factors train. Their initial values come from
+    :func:`module_generator` (``seed``, ``prefix`` + path): seeded, and independent of the global RNG.
     """
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
     regexes = [re.compile(p) for p in patterns]
     targets = []
     existing = [n + "." for n, m in root.named_modules() if isinstance(m, LoRAModule)]
@@ -98,7 +113,7 @@ def inject_lora(root: nn.Module, patterns: Iterable[str], rank: int, alpha: floa
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         base = parent._modules[child]
-        lora = wrap_module(base, rank, alpha, dtype)
+        lora = wrap_module(base, rank, alpha, dtype, module_generator(seed, f"{prefix}{name}"))
         if lora is None:
             continue
         base.requires_grad_(False)

@@ -1,8 +1,10 @@
-"""Artist training and loading against a real ComfyUI (issue 9).
+"""Artist training and loading against a real ComfyUI.
 
-One module fixture runs ``python -m training finetune`` for 3 steps with ComfyUI's Python on the tiny
-random SD1.5 checkpoint and a few generated WikiArt-named images, then drops the LoRA and the full
-checkpoint into the session server's model folders (under the names workflows/artist_lora_plms.json uses).
+One module fixture goes from a folder of paintings to a LoRA as a user would: ``python -m training caption``
+(a tiny random BLIP built here, with the CLIP < threshold filter of a tiny random open_clip dropping one pair),
+then ``python -m training finetune`` for 3 steps with ComfyUI's Python on the tiny random SD1.5 checkpoint, and
+drops the LoRA and the full checkpoint into the session server's model folders (under the names
+workflows/artist_lora_plms.json uses).
 
 This file sorts before test_host_layer.py on purpose: its files are what that module's example-workflow
 test needs for artist_lora_plms.json.
@@ -30,19 +32,44 @@ def make_images(folder):
     g = torch.Generator().manual_seed(1)
     for style, name, (w, h) in [("Impressionism", "claude-monet_water-lilies-1916", (96, 64)),
                                 ("Impressionism", "claude-monet_haystacks-1891", (64, 64)),
-                                ("Impressionism", "claude-monet_rouen-cathedral-1894", (64, 96))]:
+                                ("Impressionism", "claude-monet_rouen-cathedral-1894", (64, 96)),
+                                ("Impressionism", "claude-monet_poplars-1891", (80, 64))]:
         (folder / style).mkdir(parents=True, exist_ok=True)
         arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(arr).save(folder / style / f"{name}.png")
 
 
-def run_cli(server, *args, check=True):
+def run_cli(server, *args, check=True, command="finetune"):
     env = dict(os.environ, COMFYUI_PATH=str(server.comfyui_path))
-    proc = subprocess.run([str(server.python), "-m", "training", "finetune", *map(str, args)],
+    proc = subprocess.run([str(server.python), "-m", "training", command, *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200)
     if check and proc.returncode != 0:
-        raise AssertionError(f"python -m training finetune failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"python -m training {command} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
+
+
+def caption(server, tmp, data):
+    """Machine captions with the CLIP filter set to drop exactly the lowest-scoring of the 4 pairs."""
+    import json
+
+    from atelier.retrieval.embedder import load_open_clip
+    from atelier.tests.fixtures.tiny_captioner import make_tiny_blip
+    from atelier.tests.fixtures.tiny_clip import make_tiny_open_clip
+    from atelier.training import caption as C
+
+    blip = make_tiny_blip(tmp / "blip")
+    name, weights = make_tiny_open_clip(tmp / "clip" / "tiny_clip.safetensors", config_dir=tmp / "clip")
+    probe = tmp / "probe"
+    shutil.copytree(data, probe)
+    C.caption_folder(str(probe), C.Captioner(blip, "cpu", max_new_tokens=8, num_beams=1),
+                     embedder=load_open_clip(name, str(weights), device="cpu"), threshold=-2.0)
+    scores = sorted(e["score"] for e in json.loads((probe / C.MANIFEST).read_text())["entries"].values())
+    threshold = (scores[0] + scores[1]) / 2
+    proc = run_cli(server, data, "--model", blip, "--clip-filter", "--clip-model", name, "--clip-weights", weights,
+                   "--clip-threshold", threshold, "--max-new-tokens", 8, "--num-beams", 1, "--no-progress",
+                   command="caption")
+    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +78,7 @@ def trained(comfy_server, tmp_path_factory):
     base = comfy_server.models_dir / "checkpoints" / BASE
     data = tmp / "wikiart"
     make_images(data)
+    caption_log = caption(comfy_server, tmp, data)
     out = tmp / "out"
     proc = run_cli(comfy_server, "--data", data, "--checkpoint", base, "--output", out, "--resolution", 64,
                    "--steps", 3, "--train-text-encoder", "--text-encoder-only-steps", 1, "--checkpoint-every", 2,
@@ -59,7 +87,7 @@ def trained(comfy_server, tmp_path_factory):
     shutil.copy(out / LORA, comfy_server.models_dir / "loras" / LORA)
     shutil.copy(out / FULL, comfy_server.models_dir / "checkpoints" / FULL)
     comfy_server.object_info(refresh=True)
-    return {"out": out, "data": data, "base": base, "log": proc.stdout + proc.stderr}
+    return {"out": out, "data": data, "base": base, "log": proc.stdout + proc.stderr, "caption_log": caption_log}
 
 
 def graph(ckpt, lora=None, strength=1.0, seed=5):
@@ -92,7 +120,13 @@ def test_cli_three_steps_writes_lora_checkpoint_and_config(trained):
     assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "16"
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
-    assert "3 images of Claude Monet" in trained["log"]
+    assert "3 images of Claude Monet" in trained["log"]  # 4 paintings, 1 dropped by the CLIP filter
+    assert "wrote 3 caption(s)" in trained["caption_log"] and "kept 3, dropped 1" in trained["caption_log"]
+    assert "dropped by the CLIP filter" in trained["log"]
+    sidecars = sorted(trained["data"].rglob("*.txt"))
+    assert len(sidecars) == 3 and all(p.read_text().startswith("a painting by Claude Monet, Impressionism, 18")
+                                      or p.read_text().startswith("a painting by Claude Monet, Impressionism, 19")
+                                      for p in sidecars)
 
 
 def test_lora_loads_in_stock_loraloader_and_changes_the_image(comfy_server, trained):

@@ -70,9 +70,11 @@ def test_scan_folder_bad_inputs(tmp_path):
         D.scan_folder(str(tmp_path), 64)
     _img(str(tmp_path / "small" / "x_tiny-1900.jpg"), 40, 30)
     with pytest.raises(D.DataError, match=r"smaller than the training resolution 64x64: small.x_tiny-1900.jpg \(40x30\)"):
-        D.scan_folder(str(tmp_path), 64)
+        D.scan_folder(str(tmp_path), 64, small_images="error")
     with pytest.raises(D.DataError, match="no usable"):
-        D.scan_folder(str(tmp_path), 64, small_images="skip")
+        D.scan_folder(str(tmp_path), 64)  # skipping small images is the default
+    with pytest.raises(D.DataError, match="smaller than the training resolution"):
+        D.scan_folder(str(tmp_path), 64, small_images="error")
     assert len(D.scan_folder(str(tmp_path), 64, small_images="upscale").samples) == 1
 
 
@@ -99,14 +101,51 @@ def test_latent_cache_keys_and_reuse(tmp_path):
         return images[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4] * 2
 
     cache = str(tmp_path / "cache")
-    first = D.cache_latents(samples, encode, cache, "vae1")
-    again = D.cache_latents(samples, encode, cache, "vae1")
-    assert len(calls) == 1 and torch.equal(first[0], again[0]) and first[0].shape == (4, 8, 8)
+    first = D.cache_latents(samples, encode, cache, "vae1").items[0].latent
+    again = D.cache_latents(samples, encode, cache, "vae1").items[0].latent
+    assert len(calls) == 1 and torch.equal(first, again) and first.shape == (4, 8, 8)
     D.cache_latents(samples, encode, cache, "vae2")  # another VAE never reuses stale latents
     assert len(calls) == 2 and len(os.listdir(cache)) == 2
     assert all(n.endswith(".safetensors") for n in os.listdir(cache))
     img = D.load_image(samples[0].path, (64, 64))
-    torch.testing.assert_close(first[0], encode(img[None])[0])
+    torch.testing.assert_close(first, encode(img[None])[0])
+
+
+def _encode(images):
+    return images[:, :, ::8, ::8].repeat(1, 2, 1, 1)[:, :4]
+
+
+def test_flip_caches_the_mirrored_latent_and_crop_the_cover_latent(tmp_path):
+    """--flip: the second latent is the encoding of the mirrored image; --random-crop: the cached latent covers the
+    whole resized image and each view is a bucket-sized window of it."""
+    _img(str(tmp_path / "d" / "a_wide-1900.png"), 96, 64)
+    samples = D.scan_folder(str(tmp_path / "d"), 64).samples
+    D.assign_buckets(samples, 64, use_buckets=False)  # square 64x64 bucket for a 3:2 image
+    cached = D.cache_latents(samples, _encode, str(tmp_path / "c"), "v", flip=True, crop=True)
+    item = cached.items[0]
+    img = D.load_image(samples[0].path, (64, 64), cover=True)
+    assert img.shape == (3, 64, 96) and item.latent.shape == (4, 8, 12) and item.size == (8, 8)
+    torch.testing.assert_close(item.latent, _encode(img[None])[0])
+    torch.testing.assert_close(item.flipped, _encode(img.flip(-1)[None])[0], atol=1e-6, rtol=0)
+    assert torch.equal(item.view(False, 0.0, 0.0), item.latent[:, :, 0:8])
+    assert torch.equal(item.view(False, 0.0, 0.99), item.latent[:, :, 4:12])
+    assert torch.equal(item.view(True, 0.0, 0.5), item.flipped[:, :, 2:10])
+    plain = D.cache_latents(samples, _encode, str(tmp_path / "c"), "v").items[0]
+    assert plain.latent.shape == (4, 8, 8) and plain.flipped is None
+    assert len(os.listdir(tmp_path / "c")) == 3  # cover, cover+flip, centre crop: separate cache entries
+
+
+def test_truncated_jpeg_is_skipped_with_a_reason_not_a_crash(tmp_path):
+    _img(str(tmp_path / "d" / "a_good-1900.jpg"), 64, 64)
+    _img(str(tmp_path / "d" / "a_cut-1901.jpg"), 64, 64, seed=3)
+    data = (tmp_path / "d" / "a_cut-1901.jpg").read_bytes()
+    (tmp_path / "d" / "a_cut-1901.jpg").write_bytes(data[: len(data) * 2 // 3])  # header intact, data cut
+    samples = D.scan_folder(str(tmp_path / "d"), 64).samples
+    D.assign_buckets(samples, 64)
+    cached = D.cache_latents(samples, _encode, str(tmp_path / "c"), "v")
+    assert [os.path.basename(s.path) for s in cached.samples] == ["a_good-1900.jpg"]
+    assert [os.path.basename(p) for p, _ in cached.skipped] == ["a_cut-1901.jpg"]
+    assert "unreadable image" in cached.skipped[0][1] and "truncated" in cached.skipped[0][1]
 
 
 def test_latent_cache_progress_and_interrupt_keep_what_was_cached(tmp_path):
@@ -132,9 +171,11 @@ def test_batch_sampler_shards_like_a_doubled_batch():
     buckets = [(64, 64)] * 5 + [(128, 32)] * 3
     one = D.BucketBatchSampler(buckets, 4, seed=3)
     two = [D.BucketBatchSampler(buckets, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    accum = D.BucketBatchSampler(buckets, 1, seed=3, rank=1, world_size=2, accum=2)
     for step in range(7):
         gb, _ = one.batch_at(step)
         assert two[0].local(two[0].batch_at(step)[0]) + two[1].local(two[1].batch_at(step)[0]) == gb
+        assert [accum.local(accum.batch_at(step)[0], m) for m in (0, 1)] == [gb[1:2], gb[3:4]]
         assert len({buckets[i] for i in gb}) == 1  # one bucket per batch
     epoch = one.epoch_batches(0)
     assert sorted({i for b in epoch for i in b}) == list(range(8))  # nothing dropped
